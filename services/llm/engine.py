@@ -1,0 +1,147 @@
+"""LLM engine: validates requests, streams text from a backend, measures TTFT.
+
+Plain async Python; the gRPC servicer and the conversation engine both use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from parley import clock, metrics
+from parley.errors import InvalidInput
+
+from services.llm.config import LlmConfig
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+    image: bytes = b""
+
+
+@dataclass(slots=True)
+class GenerationParams:
+    max_tokens: int
+    temperature: float
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    """Filled in while a generation runs; final once the stream ends."""
+
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    started_at: float = field(default_factory=clock.now)
+
+
+class LlmBackend(Protocol):
+    """What every LLM backend implements (see backends/)."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Load or connect, then warm up so the first real request is fast."""
+
+    def generate(
+        self, messages: list[ChatMessage], params: GenerationParams, stats: GenerationStats
+    ) -> AsyncIterator[str]:
+        """Stream reply text. Closing the iterator cancels the generation."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def validate_messages(messages: list[ChatMessage], max_chars: int) -> None:
+    if not messages:
+        raise InvalidInput("a generation request needs at least one message")
+    total = 0
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidInput(f"message {i}: role must be one of {ROLES}, got {m.role!r}")
+        if m.role == "system" and i != 0:
+            raise InvalidInput(f"message {i}: a system message may only come first")
+        total += len(m.content)
+    if messages[-1].role != "user":
+        raise InvalidInput("the last message must come from the user")
+    if total > max_chars:
+        raise InvalidInput(f"messages hold {total} characters; the limit is {max_chars}")
+
+
+def make_backend(config: LlmConfig) -> LlmBackend:
+    if config.backend == "llama_cpp":
+        from services.llm.backends.llama_cpp import LlamaCppBackend
+
+        return LlamaCppBackend(config)
+    if config.backend == "openai":
+        from services.llm.backends.openai_compat import OpenAICompatBackend
+
+        return OpenAICompatBackend(config)
+    from services.llm.backends.triton import TritonBackend
+
+    return TritonBackend(config)
+
+
+class LlmEngine:
+    """One per process; serves many concurrent sessions through one backend."""
+
+    def __init__(self, config: LlmConfig | None = None, backend: LlmBackend | None = None):
+        self.config = config or LlmConfig()
+        self.backend = backend or make_backend(self.config)
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    async def generate(
+        self,
+        messages: list[ChatMessage],
+        *,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        stats: GenerationStats | None = None,
+    ) -> AsyncIterator[str]:
+        """Stream the reply. Cancel the consuming task (or stop iterating) to stop generation."""
+        validate_messages(messages, self.config.max_prompt_chars)
+        params = GenerationParams(
+            max_tokens=min(max_tokens or self.config.max_tokens, 4096),
+            temperature=self.config.temperature if temperature is None else temperature,
+        )
+        if not 0.0 <= params.temperature <= 2.0:
+            raise InvalidInput(f"temperature must be within [0, 2], got {params.temperature}")
+        stats = stats if stats is not None else GenerationStats()
+        stats.started_at = clock.now()
+        first = True
+        stream = self.backend.generate(messages, params, stats)
+        try:
+            async for piece in stream:
+                if not piece:
+                    continue
+                if first:
+                    stats.time_to_first_token_s = clock.now() - stats.started_at
+                    metrics.STAGE_LATENCY.labels("llm", "ttfb").observe(stats.time_to_first_token_s)
+                    first = False
+                yield piece
+        except (asyncio.CancelledError, GeneratorExit):
+            stats.finish_reason = "cancelled"
+            raise
+        finally:
+            await _aclose(stream)
+            metrics.LLM_TOKENS.labels("prompt").inc(stats.prompt_tokens)
+            metrics.LLM_TOKENS.labels("completion").inc(stats.completion_tokens)
+
+
+async def _aclose(stream: AsyncIterator[str]) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
