@@ -1,0 +1,36 @@
+"""Phoneme → viseme classes (the 15 Oculus/MPEG-4-style mouth shapes).
+
+TTS backends label their phonemes with these; the renderer drives the mouth
+from them. Keys are IPA characters as used by misaki/Kokoro-style G2P (hibari),
+including its capital-letter diphthongs (A=eɪ, I=aɪ, O=oʊ, W=aʊ, Y=ɔɪ).
+"""
+
+from __future__ import annotations
+
+VISEMES = ("sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou")
+
+_GROUPS = {
+    "PP": "pbm",
+    "FF": "fv",
+    "TH": "θð",
+    "DD": "tdTɾ",
+    "kk": "kgŋh",
+    "CH": "ʃʒʧʤ",
+    "SS": "sz",
+    "nn": "nlɫ",
+    "RR": "ɹrɚɝ",
+    "aa": "ɑaæʌɐIAW",
+    "E": "ɛeə",
+    "ih": "ɪijᵊy",
+    "oh": "ɔoOYɒ",
+    "ou": "uʊwɯ",
+}
+PHONEME_TO_VISEME: dict[str, str] = {p: v for v, chars in _GROUPS.items() for p in chars}
+
+#: Characters that carry no mouth shape of their own (stress, length marks).
+MODIFIERS = frozenset("ˈˌːˑ")
+
+
+def viseme_for(phoneme: str) -> str:
+    """Viseme of a phoneme symbol; anything unknown (pauses, punctuation) is silence."""
+    return PHONEME_TO_VISEME.get(phoneme, "sil")

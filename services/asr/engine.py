@@ -1,0 +1,248 @@
+"""ASR engine: VAD-gated streaming recognition over an utterance decoder.
+
+While the user speaks, the growing utterance is re-decoded every
+`partial_interval_s` (partials). When the VAD hears the speech stop, the whole
+utterance is decoded at once, so that by the time the turn detector decides the
+user is done, the final transcript is usually already there: `finalize()` then
+costs nothing. Utterances end on `finalize()`, after `endpoint_silence_s`, or at
+`max_utterance_s` (long monologues are transcribed in pieces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from parley import clock, metrics
+from parley.vad import SAMPLE_RATE, SileroVadModel, VadStream
+
+from services.asr.config import AsrConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    text: str
+    no_speech_prob: float = 0.0
+    avg_logprob: float = 0.0
+
+
+class AsrBackend(Protocol):
+    name: str
+
+    def warm_up(self) -> None: ...
+
+    def decode(self, audio: np.ndarray) -> Decoded:
+        """Transcribe one utterance of 16 kHz float32 audio (blocking)."""
+        ...
+
+
+@dataclass(slots=True)
+class Transcript:
+    text: str
+    is_final: bool
+    utterance: int
+    audio_start_s: float
+    audio_end_s: float
+    #: wall-clock seconds the decode behind this transcript took
+    decode_s: float = 0.0
+
+
+@dataclass(slots=True)
+class Activity:
+    speaking: bool
+    at_s: float
+
+
+AsrEvent = Transcript | Activity
+
+
+def make_backend(config: AsrConfig) -> AsrBackend:
+    from services.asr.backends.whisper import WhisperBackend
+
+    return WhisperBackend(config)
+
+
+class AsrEngine:
+    """One per process: the model, the VAD model and one decode thread, shared by all streams."""
+
+    def __init__(self, config: AsrConfig | None = None, backend: AsrBackend | None = None):
+        self.config = config or AsrConfig()
+        self.backend = backend or make_backend(self.config)
+        self.vad_model = SileroVadModel()
+        # One decode at a time: the backend already uses every core it is given.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.backend.warm_up)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def decode(self, audio: np.ndarray) -> tuple[Decoded, float]:
+        started = clock.now()
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.backend.decode, audio
+        )
+        elapsed = clock.now() - started
+        metrics.STAGE_LATENCY.labels("asr", "decode").observe(elapsed)
+        if decoded.no_speech_prob > self.config.no_speech_threshold:
+            decoded = Decoded("", decoded.no_speech_prob, decoded.avg_logprob)
+        return decoded, elapsed
+
+    def stream(self) -> AsrStream:
+        return AsrStream(self)
+
+
+@dataclass(slots=True)
+class _Utterance:
+    number: int
+    start_sample: int  # stream position of the first buffered sample
+    chunks: list[np.ndarray] = field(default_factory=list)
+    samples: int = 0
+    speaking: bool = True
+    last_speech_end: int | None = None  # stream sample where the latest silence began
+    decoded_upto: int = 0  # utterance samples covered by the newest finished decode
+    decoded_text: str = ""
+    decoded_s: float = 0.0
+    decode_started_at: int = 0  # utterance samples when the running decode started
+    decoding: asyncio.Task[None] | None = None
+
+    def audio(self) -> np.ndarray:
+        if len(self.chunks) > 1:
+            self.chunks = [np.concatenate(self.chunks)]
+        return self.chunks[0] if self.chunks else np.zeros(0, np.float32)
+
+
+class AsrStream:
+    """Recognition state of one audio stream (one session's microphone)."""
+
+    def __init__(self, engine: AsrEngine) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.vad: VadStream = engine.vad_model.stream()
+        self.events: asyncio.Queue[AsrEvent] = asyncio.Queue()
+        self.position = 0  # samples received
+        self._preroll: list[np.ndarray] = []
+        self._preroll_samples = 0
+        self._utterance: _Utterance | None = None
+        self._pending_final: asyncio.Future[Transcript | None] | None = None
+        self._count = 0
+
+    # -- input ----------------------------------------------------------------------------
+    def push(self, samples: np.ndarray) -> None:
+        """Feed 16 kHz float32 mono audio (any length). Never blocks on decoding."""
+        cfg = self.config
+        utt = self._utterance
+        if utt is not None:
+            utt.chunks.append(samples)
+            utt.samples += len(samples)
+        else:
+            self._keep_preroll(samples)
+        self.position += len(samples)
+        for ev in self.vad.push(samples):
+            self.events.put_nowait(Activity(ev.speaking, ev.at_s))
+            if ev.speaking:
+                self._on_speech_start()
+            elif self._utterance is not None:
+                self._utterance.speaking = False
+                self._utterance.last_speech_end = int(ev.at_s * SAMPLE_RATE)
+                self._start_decode()  # the utterance may be complete: decode it all now
+        utt = self._utterance
+        if utt is None:
+            return
+        if (
+            utt.speaking
+            and utt.samples - utt.decode_started_at >= cfg.partial_interval_s * SAMPLE_RATE
+        ):
+            self._start_decode()
+        silent_for = (
+            (self.position - utt.last_speech_end) / SAMPLE_RATE
+            if not utt.speaking and utt.last_speech_end is not None
+            else 0.0
+        )
+        if silent_for >= cfg.endpoint_silence_s or utt.samples >= cfg.max_utterance_s * SAMPLE_RATE:
+            self._pending_final = asyncio.ensure_future(self._complete(self._detach()))
+
+    def _keep_preroll(self, samples: np.ndarray) -> None:
+        self._preroll.append(samples)
+        self._preroll_samples += len(samples)
+        limit = int(self.config.preroll_s * SAMPLE_RATE)
+        while self._preroll and self._preroll_samples - len(self._preroll[0]) >= limit:
+            self._preroll_samples -= len(self._preroll.pop(0))
+
+    def _on_speech_start(self) -> None:
+        utt = self._utterance
+        if utt is not None:
+            utt.speaking = True
+            return
+        self._count += 1
+        pre = self._preroll
+        start = self.position - self._preroll_samples
+        self._utterance = _Utterance(self._count, start, list(pre), self._preroll_samples)
+        self._preroll, self._preroll_samples = [], 0
+
+    # -- decoding -------------------------------------------------------------------------
+    def _start_decode(self) -> None:
+        utt = self._utterance
+        if utt is None or (utt.decoding is not None and not utt.decoding.done()):
+            return
+        utt.decode_started_at = utt.samples
+        utt.decoding = asyncio.ensure_future(self._decode(utt, utt.audio()))
+
+    async def _decode(self, utt: _Utterance, audio: np.ndarray) -> None:
+        decoded, elapsed = await self.engine.decode(audio)
+        if len(audio) < utt.decoded_upto:
+            return
+        utt.decoded_upto, utt.decoded_text, utt.decoded_s = len(audio), decoded.text, elapsed
+        if self._utterance is utt and decoded.text:
+            self.events.put_nowait(self._transcript(utt, decoded.text, False, elapsed))
+
+    def _transcript(self, utt: _Utterance, text: str, final: bool, decode_s: float) -> Transcript:
+        return Transcript(
+            text=text,
+            is_final=final,
+            utterance=utt.number,
+            audio_start_s=utt.start_sample / SAMPLE_RATE,
+            audio_end_s=(utt.start_sample + utt.decoded_upto) / SAMPLE_RATE,
+            decode_s=decode_s,
+        )
+
+    def _detach(self) -> _Utterance | None:
+        utt, self._utterance = self._utterance, None
+        if utt is not None and utt.speaking and self.vad.speaking:
+            # Cut mid-speech (max length): the rest continues as a new utterance.
+            self._on_speech_start()
+        return utt
+
+    async def finalize(self) -> Transcript | None:
+        """End the current utterance now; its final transcript (None if there was none).
+
+        Reuses the decode made when the speech stopped if no speech came after it.
+        """
+        return await self._complete(self._detach())
+
+    async def _complete(self, utt: _Utterance | None) -> Transcript | None:
+        if utt is None:
+            return None
+        if utt.decoding is not None:
+            await asyncio.shield(utt.decoding)
+        speech_end = (
+            utt.last_speech_end - utt.start_sample
+            if utt.last_speech_end is not None and not utt.speaking
+            else utt.samples
+        )
+        decode_s = 0.0
+        if utt.decoded_upto < speech_end:
+            decoded, decode_s = await self.engine.decode(utt.audio())
+            utt.decoded_upto, utt.decoded_text = utt.samples, decoded.text
+        transcript = self._transcript(utt, utt.decoded_text, True, decode_s)
+        if transcript.text:
+            self.events.put_nowait(transcript)
+        return transcript if transcript.text else None
+
+    @property
+    def in_utterance(self) -> bool:
+        return self._utterance is not None
