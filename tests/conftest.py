@@ -6,13 +6,31 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from services.asr.engine import AsrEngine
 from services.llm.config import LlmConfig
 from services.llm.engine import LlmEngine
+from services.tts.engine import TtsEngine
 
 
 @pytest.fixture(scope="session")
 async def llm_engine() -> AsyncIterator[LlmEngine]:
     engine = LlmEngine(LlmConfig(temperature=0.0))
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="session")
+async def asr_engine() -> AsyncIterator[AsrEngine]:
+    engine = AsrEngine()
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="session")
+async def tts_engine() -> AsyncIterator[TtsEngine]:
+    engine = TtsEngine()
     await engine.start()
     yield engine
     await engine.close()

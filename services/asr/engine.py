@@ -197,8 +197,21 @@ class AsrStream:
         if len(audio) < utt.decoded_upto:
             return
         utt.decoded_upto, utt.decoded_text, utt.decoded_s = len(audio), decoded.text, elapsed
-        if self._utterance is utt and decoded.text:
+        if self._utterance is not utt:
+            return
+        if decoded.text:
             self.events.put_nowait(self._transcript(utt, decoded.text, False, elapsed))
+        if not utt.speaking and len(audio) < self._speech_end(utt):
+            # Speech stopped while this (partial) decode ran: decode the whole utterance now.
+            utt.decoding = None
+            self._start_decode()
+
+    @staticmethod
+    def _speech_end(utt: _Utterance) -> int:
+        """Utterance samples up to where the latest speech stopped (all, while speaking)."""
+        if utt.last_speech_end is not None and not utt.speaking:
+            return utt.last_speech_end - utt.start_sample
+        return utt.samples
 
     def _transcript(self, utt: _Utterance, text: str, final: bool, decode_s: float) -> Transcript:
         return Transcript(
@@ -229,13 +242,8 @@ class AsrStream:
             return None
         if utt.decoding is not None:
             await asyncio.shield(utt.decoding)
-        speech_end = (
-            utt.last_speech_end - utt.start_sample
-            if utt.last_speech_end is not None and not utt.speaking
-            else utt.samples
-        )
         decode_s = 0.0
-        if utt.decoded_upto < speech_end:
+        if utt.decoded_upto < self._speech_end(utt):
             decoded, decode_s = await self.engine.decode(utt.audio())
             utt.decoded_upto, utt.decoded_text = utt.samples, decoded.text
         transcript = self._transcript(utt, utt.decoded_text, True, decode_s)

@@ -27,11 +27,11 @@ class LlmConfig(BaseModel):
     threads: int = Field(default=2, ge=1, le=256)
     #: Layers offloaded to a GPU when llama.cpp was built with one (-1: all).
     gpu_layers: int = -1
-    max_tokens: int = Field(default=60, ge=1, le=4096)
+    max_tokens: int = Field(default=40, ge=1, le=4096)
     temperature: float = Field(default=0.3, ge=0.0, le=2.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     #: Small models loop without it.
-    repeat_penalty: float = Field(default=1.3, ge=1.0, le=2.0)
+    repeat_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
     #: Bytes of KV-cache snapshots kept for prefix reuse (persona prompt, earlier turns).
     prefix_cache_bytes: int = Field(default=512 << 20, ge=0)
     #: Longest accepted request (all message texts together), in characters.

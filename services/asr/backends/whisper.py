@@ -34,6 +34,20 @@ def bundled_model_path() -> Path:
     return path
 
 
+def trim_repetition(text: str) -> str:
+    """Cut a decoder loop: "What is X? What is X? What is" → "What is X?".
+
+    Whisper on a short window sometimes starts the utterance over once it is done.
+    """
+    words = text.split()
+    norm = [w.strip(".,!?;:…").lower() for w in words]
+    n = len(words)
+    for period in range(1, n - 1):
+        if n - period >= 2 and norm[period:] == norm[: n - period]:
+            return " ".join(words[:period])
+    return text
+
+
 class WhisperBackend:
     name = "whisper"
 
@@ -94,7 +108,7 @@ class WhisperBackend:
             return_no_speech_prob=True,
         )[0]
         ids = [t for t in result.sequences_ids[0] if t < self._tokenizer.eot]
-        text = self._tokenizer.decode(ids).strip()
+        text = trim_repetition(self._tokenizer.decode(ids).strip())
         n = max(len(ids), 1)
         return Decoded(
             text=text,

@@ -1,0 +1,50 @@
+"""The `parley` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from parley.errors import InvalidInput, ModelUnavailable
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="parley", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="a scripted spoken conversation with the embedded models")
+    demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.add_argument(
+        "--llm-model", default="", help="a GGUF file to use instead of the bundled LLM"
+    )
+
+    bench = sub.add_parser("bench", help="benchmarks (print JSON)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    lat = bench_sub.add_parser("latency", help="utterance-to-utterance latency, end to end")
+    lat.add_argument("--audio-dir", type=Path, default=None,
+                     help="WAVs + manifest.jsonl; default: the bundled utterances")  # fmt: skip
+    lat.add_argument("--turns", type=int, default=None, help="turns to run (cycles the corpus)")
+    lat.add_argument("--json", type=Path, required=True, help="where to write the full report")
+    lat.add_argument("--llm-model", default="")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from loadtest.latency import demo as run_demo
+
+            run_demo(args.out, args.llm_model)
+        elif args.command == "bench" and args.bench == "latency":
+            from loadtest.latency import bench_latency
+
+            if args.turns is not None and args.turns < 1:
+                raise InvalidInput("--turns must be at least 1")
+            bench_latency(args.audio_dir, args.turns, args.json, args.llm_model)
+    except (InvalidInput, ModelUnavailable) as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

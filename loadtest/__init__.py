@@ -1,0 +1,1 @@
+"""Load generation and benchmarks: replaying speech into Parley as live speakers would."""

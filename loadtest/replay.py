@@ -1,0 +1,158 @@
+"""Replays recorded utterances into a conversation, paced like a live microphone.
+
+Frame k (20 ms) is pushed when its last sample would have been spoken, so the
+wall-clock time of any sample is known: `utterance_start + sample / rate`.
+That gives the true end of the user's speech, from which each turn is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jiwer
+import numpy as np
+from parley import clock
+from parley.audio import ASR_SAMPLE_RATE, FRAME_MS
+
+from loadtest.corpus import Utterance, speech_bounds
+from services.sessions.conversation import (
+    AvatarAudioEvent,
+    Conversation,
+    TurnDoneEvent,
+    UserTranscriptEvent,
+)
+from services.sessions.trace import MILESTONES, TurnTrace
+
+FRAME = ASR_SAMPLE_RATE * FRAME_MS // 1000
+LEAD_SILENCE_S = 0.4
+REPLY_TIMEOUT_S = 30.0
+
+
+@dataclass(slots=True)
+class TurnResult:
+    index: int
+    audio: str
+    reference: str
+    hypothesis: str = ""
+    reply: str = ""
+    true_speech_end: float = 0.0
+    trace: TurnTrace | None = None
+    wer: float | None = None
+
+    def latencies(self) -> dict[str, float | None]:
+        if self.trace is None:
+            return dict.fromkeys(("speech_end_detected", *MILESTONES))
+        lat = self.trace.latencies(self.true_speech_end)
+        return {"speech_end_detected": self.trace.speech_end - self.true_speech_end, **lat}
+
+    @property
+    def u2u_s(self) -> float | None:
+        return self.latencies()["first_output"]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "audio": self.audio,
+            "reference": self.reference,
+            "hypothesis": self.hypothesis,
+            "reply": self.reply,
+            "wer": self.wer,
+            "u2u_s": self.u2u_s,
+            "latency_s": self.latencies(),
+            "interrupted": bool(self.trace and self.trace.interrupted),
+            "llm_prompt_tokens": self.trace.llm_prompt_tokens if self.trace else None,
+            "llm_cached_tokens": self.trace.llm_cached_tokens if self.trace else None,
+        }
+
+
+@dataclass(slots=True)
+class Recording:
+    """Both voices on one wall-clock timeline, for the demo's WAV."""
+
+    start: float
+    user: list[tuple[float, np.ndarray]] = field(default_factory=list)  # 16 kHz
+    avatar: list[tuple[float, np.ndarray]] = field(default_factory=list)  # avatar rate
+    avatar_rate: int = 24_000
+
+
+def normalize(text: str) -> str:
+    return " ".join(jiwer.RemovePunctuation()(text.lower().replace("-", " ")).split())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float | None:
+    ref = normalize(reference)
+    if not ref:
+        return None
+    return float(jiwer.wer(ref, normalize(hypothesis) or "<empty>"))
+
+
+async def _push_paced(conv: Conversation, audio: np.ndarray, rec: Recording | None) -> float:
+    """Push audio in real time; returns the wall time of its first sample."""
+    start = clock.now()
+    for k in range(0, len(audio), FRAME):
+        frame = audio[k : k + FRAME]
+        due = start + (k + len(frame)) / ASR_SAMPLE_RATE
+        delay = due - clock.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await conv.push_audio(frame)
+        if rec is not None:
+            rec.user.append((start + k / ASR_SAMPLE_RATE, frame))
+    return start
+
+
+async def replay(
+    conv: Conversation,
+    utterances: list[Utterance],
+    *,
+    record: bool = False,
+    on_turn: Callable[[TurnResult], None] | None = None,
+) -> tuple[list[TurnResult], Recording | None]:
+    """One turn per utterance: speak it, then stay silent until the avatar has answered."""
+    rec = Recording(clock.now(), avatar_rate=conv.engines.tts.sample_rate) if record else None
+    done: asyncio.Queue[TurnTrace] = asyncio.Queue()
+    last_final = [""]
+
+    async def consume() -> None:
+        while True:
+            ev = await conv.events.get()
+            if isinstance(ev, TurnDoneEvent):
+                done.put_nowait(ev.trace)
+            elif isinstance(ev, UserTranscriptEvent) and ev.is_final:
+                last_final[0] = ev.text
+            elif isinstance(ev, AvatarAudioEvent) and rec is not None:
+                rec.avatar.append((clock.now(), ev.samples))
+
+    consumer = asyncio.create_task(consume())
+    silence = np.zeros(FRAME, np.float32)
+    results: list[TurnResult] = []
+    try:
+        for i, utt in enumerate(utterances):
+            result = TurnResult(i, utt.path.name, utt.text)
+            lead = np.zeros(int(LEAD_SILENCE_S * ASR_SAMPLE_RATE), np.float32)
+            _, end = speech_bounds(utt.audio)
+            start = await _push_paced(conv, np.concatenate([lead, utt.audio]), rec)
+            result.true_speech_end = start + (len(lead) + end) / ASR_SAMPLE_RATE
+            deadline = clock.now() + REPLY_TIMEOUT_S
+            trace: TurnTrace | None = None
+            while clock.now() < deadline:
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    trace = done.get_nowait()
+                if trace is not None:
+                    break
+                await _push_paced(conv, silence, rec)
+            result.trace = trace
+            if trace is not None:
+                result.hypothesis, result.reply = trace.user_text, trace.reply_text
+            result.wer = word_error_rate(utt.text, result.hypothesis)
+            results.append(result)
+            if on_turn is not None:
+                on_turn(result)
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+    return results, rec

@@ -1,0 +1,88 @@
+"""The latency report as HTML: a per-turn waterfall from the end of the user's speech."""
+
+from __future__ import annotations
+
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+SEGMENTS = (
+    ("speech_end_detected", "VAD hears silence", "#b0bec5"),
+    ("asr_final", "ASR final ready", "#4fc3f7"),
+    ("end_of_turn", "end of turn decided", "#9575cd"),
+    ("llm_first_token", "LLM first token", "#ffb74d"),
+    ("tts_first_audio", "TTS first audio", "#81c784"),
+    ("first_output", "first audio out", "#e57373"),
+)
+
+
+def waterfall_svg(turns: list[dict[str, Any]]) -> str:
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(turns) + 1.4))
+    for row, t in enumerate(turns):
+        lat = t["latency_s"]
+        prev = 0.0
+        for key, label, color in SEGMENTS:
+            v = lat.get(key)
+            if v is None:
+                continue
+            v *= 1000
+            lo, hi = min(prev, v), max(prev, v)
+            ax.barh(row, hi - lo, left=lo, color=color, label=label if row == 0 else None)
+            prev = max(prev, v)
+        if t.get("u2u_s") is not None:
+            ax.text(prev + 8, row, f"{t['u2u_s'] * 1000:.0f} ms", va="center", fontsize=8)
+    ax.set_yticks(range(len(turns)), [f"turn {t['index'] + 1}" for t in turns])
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("ms after the end of user speech")
+    ax.legend(loc="lower right", fontsize=7, ncols=3)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_html(path: Path, report: dict[str, Any]) -> None:
+    s = report["summary"]
+    rows = []
+    for t in report["turns"]:
+        lat = t["latency_s"]
+        cells = "".join(
+            f"<td>{'' if lat.get(k) is None else f'{lat[k] * 1000:.0f}'}</td>"
+            for k, _, _ in SEGMENTS
+        )
+        wer = "" if t["wer"] is None else f"{t['wer'] * 100:.0f}%"
+        rows.append(
+            f"<tr><td>{t['index'] + 1}</td><td>{html.escape(t['reference'])}</td>"
+            f"<td>{html.escape(t['hypothesis'])}</td><td>{wer}</td>"
+            f"<td>{html.escape(t['reply'])}</td>{cells}</tr>"
+        )
+    head = "".join(f"<th>{label} (ms)</th>" for _, label, _ in SEGMENTS)
+
+    def ms(v: float | None) -> str:
+        return "–" if v is None else f"{v * 1000:.0f} ms"
+
+    wer = "–" if s["asr_wer"] is None else f"{s['asr_wer'] * 100:.1f}%"
+    path.write_text(
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>Parley latency report</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ddd;padding:4px 6px}}
+.big{{font-size:1.4em}}</style></head><body>
+<h1>Parley — utterance-to-utterance latency</h1>
+<p class="big">u2u p50 <b>{ms(s["u2u_p50_s"])}</b> · p95 <b>{ms(s["u2u_p95_s"])}</b> ·
+ASR WER <b>{wer}</b> · {s["answered"]}/{s["turns"]} turns answered</p>
+<p>Measured from the true end of the user's speech (by energy, independent of the VAD)
+to the first avatar audio frame leaving the engine. Memory: {report["memory_mb"]}.</p>
+{waterfall_svg(report["turns"])}
+<h2>Turns</h2><table><tr><th>#</th><th>user said</th><th>ASR heard</th><th>WER</th>
+<th>avatar replied</th>{head}</tr>{"".join(rows)}</table>
+</body></html>"""
+    )
