@@ -1,0 +1,197 @@
+"""The conversation loop end to end: a full turn over real gRPC on loopback, barge-in, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from parley import clock, rpc
+from parley.audio import float_to_pcm16, resample
+from parley.v1 import audio_pb2, sessions_pb2, sessions_pb2_grpc
+
+from loadtest.replay import word_error_rate
+from services.asr.engine import AsrEngine
+from services.llm.engine import LlmEngine
+from services.sessions.conversation import AvatarAudioEvent, Conversation, Engines, TurnDoneEvent
+from services.sessions.registry import SessionRegistry
+from services.sessions.servicer import SessionsServicer
+from services.tts.engine import TtsEngine
+
+SR = 16_000
+FRAME = 320
+
+
+@pytest.fixture(scope="module")
+def engines(asr_engine: AsrEngine, llm_engine: LlmEngine, tts_engine: TtsEngine) -> Engines:
+    return Engines(asr=asr_engine, llm=llm_engine, tts=tts_engine)
+
+
+async def user_says(tts: TtsEngine, text: str) -> np.ndarray:
+    speech = await tts.synthesize(text)
+    return resample(speech.samples, speech.sample_rate, SR)
+
+
+def paced(audio: np.ndarray) -> list[np.ndarray]:
+    return [audio[i : i + FRAME] for i in range(0, len(audio), FRAME)]
+
+
+@pytest.fixture(scope="module")
+async def server(engines: Engines) -> AsyncIterator[tuple[str, SessionRegistry]]:
+    registry = SessionRegistry(engines)
+    srv, port = await rpc.make_server(
+        [(sessions_pb2_grpc.add_SessionsServicer_to_server, SessionsServicer(registry))],
+        ["parley.v1.Sessions"],
+    )
+    await srv.start()
+    yield f"127.0.0.1:{port}", registry
+    await srv.stop(None)
+
+
+async def test_full_turn_over_grpc(
+    server: tuple[str, SessionRegistry], tts_engine: TtsEngine
+) -> None:
+    address, _ = server
+    question = "What is the capital of France?"
+    audio = np.concatenate([np.zeros(SR // 4, np.float32), await user_says(tts_engine, question)])
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = sessions_pb2_grpc.SessionsStub(channel)
+        session = await stub.CreateSession(sessions_pb2.CreateSessionRequest(persona_prompt=""))
+        assert session.state == sessions_pb2.Session.ACTIVE
+
+        async def client_events() -> AsyncIterator[sessions_pb2.ClientEvent]:
+            yield sessions_pb2.ClientEvent(
+                start=sessions_pb2.ConverseStart(session_id=session.session_id)
+            )
+            start = clock.now()
+            frames = paced(np.concatenate([audio, np.zeros(SR * 2, np.float32)]))
+            for k, frame in enumerate(frames):
+                await asyncio.sleep(max(0.0, start + (k + 1) * FRAME / SR - clock.now()))
+                yield sessions_pb2.ClientEvent(
+                    audio=audio_pb2.AudioChunk(
+                        pcm16=float_to_pcm16(frame), sample_rate=SR, channels=1
+                    )
+                )
+
+        finals, avatar_samples, latencies = [], 0, []
+        async for ev in stub.Converse(client_events()):
+            kind = ev.WhichOneof("event")
+            if kind == "user_transcript" and ev.user_transcript.is_final:
+                finals.append(ev.user_transcript.text)
+            elif kind == "avatar_speech":
+                avatar_samples += len(ev.avatar_speech.audio.pcm16) // 2
+                assert ev.avatar_speech.audio.sample_rate == 24_000
+            elif kind == "latency":
+                latencies.append(ev.latency)
+        assert finals, "no final transcript"
+        wer = word_error_rate(question, finals[0])
+        assert wer is not None and wer <= 0.2, finals
+        assert avatar_samples > 0.3 * 24_000  # the avatar said something audible
+        assert len(latencies) == 1
+        lat = latencies[0]
+        # Milestones come in pipeline order.
+        assert (
+            0
+            < lat.end_of_turn_s
+            <= lat.llm_first_token_s
+            <= lat.tts_first_audio_s
+            <= lat.first_output_s
+        )
+        ended = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=session.session_id))
+        assert ended.state == sessions_pb2.Session.ENDED
+
+
+async def test_bad_messages_get_clear_errors_and_spare_other_sessions(
+    server: tuple[str, SessionRegistry],
+) -> None:
+    address, _ = server
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = sessions_pb2_grpc.SessionsStub(channel)
+        other = await stub.CreateSession(sessions_pb2.CreateSessionRequest())
+        victim = await stub.CreateSession(sessions_pb2.CreateSessionRequest())
+
+        async def send(*events: sessions_pb2.ClientEvent) -> grpc.aio.AioRpcError:
+            async def it() -> AsyncIterator[sessions_pb2.ClientEvent]:
+                for e in events:
+                    yield e
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                _ = [e async for e in stub.Converse(it())]
+            return err.value
+
+        start = sessions_pb2.ClientEvent(
+            start=sessions_pb2.ConverseStart(session_id=victim.session_id)
+        )
+        wrong_rate = sessions_pb2.ClientEvent(
+            audio=audio_pb2.AudioChunk(pcm16=b"\0" * 640, sample_rate=44_100, channels=1)
+        )
+        stereo = sessions_pb2.ClientEvent(
+            audio=audio_pb2.AudioChunk(pcm16=b"\0" * 640, sample_rate=SR, channels=2)
+        )
+        odd = sessions_pb2.ClientEvent(
+            audio=audio_pb2.AudioChunk(pcm16=b"\0" * 3, sample_rate=SR, channels=1)
+        )
+        for bad, fragment in ((wrong_rate, "16000 Hz"), (stereo, "mono"), (odd, "even number")):
+            err = await send(start, bad)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert fragment in (err.details() or "")
+        err = await send(wrong_rate)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "ConverseStart" in (
+            err.details() or ""
+        )
+        missing = sessions_pb2.ClientEvent(start=sessions_pb2.ConverseStart(session_id="nope"))
+        assert (await send(missing)).code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as get_err:
+            await stub.GetSession(sessions_pb2.GetSessionRequest(session_id="nope"))
+        assert get_err.value.code() == grpc.StatusCode.NOT_FOUND
+        oversized = sessions_pb2.ClientEvent(
+            audio=audio_pb2.AudioChunk(pcm16=b"\0" * (5 << 20), sample_rate=SR, channels=1)
+        )
+        assert (await send(start, oversized)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Both sessions are still there and usable.
+        for s in (other, victim):
+            got = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=s.session_id))
+            assert got.state == sessions_pb2.Session.ACTIVE
+        listed = await stub.ListSessions(sessions_pb2.ListSessionsRequest())
+        assert {other.session_id, victim.session_id} <= {s.session_id for s in listed.sessions}
+
+
+async def test_barge_in_stops_the_avatar(engines: Engines, tts_engine: TtsEngine) -> None:
+    conv = Conversation(engines, "You are a storyteller. Tell long stories.")
+    question = await user_says(tts_engine, "Tell me a long story about a dragon and a knight.")
+    interruption = await user_says(tts_engine, "Wait, stop please.")
+    start = clock.now()
+    sent = 0
+
+    async def push(audio: np.ndarray) -> None:
+        nonlocal sent
+        for frame in paced(audio):
+            sent += len(frame)
+            await asyncio.sleep(max(0.0, start + sent / SR - clock.now()))
+            await conv.push_audio(frame)
+
+    async def until_avatar_speaks() -> None:
+        while True:
+            await push(np.zeros(FRAME, np.float32))
+            if any(isinstance(e, AvatarAudioEvent) for e in list(conv.events._queue)):  # type: ignore[attr-defined]
+                return
+
+    await push(np.concatenate([np.zeros(SR // 4, np.float32), question]))
+    await asyncio.wait_for(until_avatar_speaks(), 20)
+    await push(np.zeros(SR // 4, np.float32))  # the avatar talks a little
+    assert conv.replying
+    await push(interruption)
+    # The reply was cancelled as soon as the user's speech was detected.
+    assert not conv.replying or conv.turn > 1
+    traces = [e.trace for e in list(conv.events._queue) if isinstance(e, TurnDoneEvent)]  # type: ignore[attr-defined]
+    assert traces and traces[0].interrupted
+    assert 0 < traces[0].interruption_stop_s < 0.5
+    # No avatar audio of the interrupted turn was sent after the interruption.
+    events = list(conv.events._queue)  # type: ignore[attr-defined]
+    done_at = next(i for i, e in enumerate(events) if isinstance(e, TurnDoneEvent))
+    assert not any(
+        isinstance(e, AvatarAudioEvent) and e.turn == traces[0].turn for e in events[done_at:]
+    )
+    await conv.close()
