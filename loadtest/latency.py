@@ -101,6 +101,7 @@ async def run(
     load_s = clock.now() - t0
     rss_loaded = rss_mb()
     conv = Conversation(engines)
+    await conv.prepare()  # as a new session does when created
     progress = Progress(
         TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.description}"), console=console,

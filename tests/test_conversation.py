@@ -8,14 +8,20 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
-from parley import clock, rpc
+from parley import clock, rpc, wire
 from parley.audio import float_to_pcm16, resample
 from parley.v1 import audio_pb2, sessions_pb2, sessions_pb2_grpc
 
 from loadtest.replay import word_error_rate
 from services.asr.engine import AsrEngine
 from services.llm.engine import LlmEngine
-from services.sessions.conversation import AvatarAudioEvent, Conversation, Engines, TurnDoneEvent
+from services.sessions.conversation import (
+    AvatarAudioEvent,
+    Conversation,
+    Engines,
+    TurnDoneEvent,
+    UserTranscriptEvent,
+)
 from services.sessions.registry import SessionRegistry
 from services.sessions.servicer import SessionsServicer
 from services.tts.engine import TtsEngine
@@ -156,6 +162,73 @@ async def test_bad_messages_get_clear_errors_and_spare_other_sessions(
             assert got.state == sessions_pb2.Session.ACTIVE
         listed = await stub.ListSessions(sessions_pb2.ListSessionsRequest())
         assert {other.session_id, victim.session_id} <= {s.session_id for s in listed.sessions}
+
+
+async def test_client_disconnect_mid_turn_stops_the_reply_and_keeps_the_session(
+    server: tuple[str, SessionRegistry], tts_engine: TtsEngine
+) -> None:
+    address, registry = server
+    question = await user_says(tts_engine, "Tell me a long story about a brave little mouse.")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = sessions_pb2_grpc.SessionsStub(channel)
+        session = await stub.CreateSession(
+            sessions_pb2.CreateSessionRequest(persona_prompt="You tell long stories.")
+        )
+        start = sessions_pb2.ClientEvent(
+            start=sessions_pb2.ConverseStart(session_id=session.session_id)
+        )
+
+        async def talk(audio: np.ndarray) -> AsyncIterator[sessions_pb2.ClientEvent]:
+            yield start
+            t0 = clock.now()
+            for k, frame in enumerate(paced(audio)):
+                await asyncio.sleep(max(0.0, t0 + (k + 1) * FRAME / SR - clock.now()))
+                yield sessions_pb2.ClientEvent(audio=wire.audio_to_proto(frame, SR, 0))
+
+        # The client goes away (its connection drops) while the avatar talks.
+        lost = grpc.aio.insecure_channel(address)
+        call = sessions_pb2_grpc.SessionsStub(lost).Converse(
+            talk(np.concatenate([question, np.zeros(SR * 20, np.float32)]))
+        )
+        async for ev in call:
+            if ev.WhichOneof("event") == "avatar_speech":
+                break
+        await lost.close(None)
+        record = registry.get(session.session_id)
+        conv = record.conversation
+        assert conv is not None
+        for _ in range(100):  # the server notices the cancellation within a few ms
+            if not (conv.replying or record.streaming):
+                break
+            await asyncio.sleep(0.02)
+        assert not conv.replying and not record.streaming
+        # The same session takes a new stream, which starts clean: no leftovers of the old reply.
+        events = [ev async for ev in stub.Converse(talk(np.zeros(SR // 2, np.float32)))]
+        assert not any(ev.WhichOneof("event") == "avatar_speech" for ev in events)
+        got = await stub.GetSession(sessions_pb2.GetSessionRequest(session_id=session.session_id))
+        assert got.state == sessions_pb2.Session.ACTIVE and got.turns == 1
+
+
+async def test_monologue_is_transcribed_in_bounded_pieces(
+    engines: Engines, tts_engine: TtsEngine
+) -> None:
+    """A user who talks for 5 minutes: bounded memory, transcripts keep coming, no crash."""
+    conv = Conversation(engines)
+    sentence = await user_says(tts_engine, "and then we walked along the river to the old mill")
+    audio = np.concatenate([sentence] * int(300 / (len(sentence) / SR) + 1))[: 300 * SR]
+    # Faster than real time (CI time), in 1 s pieces; the ASR lags behind but never piles up.
+    for i in range(0, len(audio), SR):
+        await conv.push_audio(audio[i : i + SR])
+        await asyncio.sleep(0.03)
+        utt = conv.asr._utterance
+        assert utt is None or utt.samples <= (engines.asr.config.max_utterance_s + 1.5) * SR
+    await conv.push_audio(np.zeros(SR * 2, np.float32))
+    await asyncio.sleep(0.5)
+    events = list(conv.events._queue)  # type: ignore[attr-defined]
+    finals = [e for e in events if isinstance(e, UserTranscriptEvent) and e.is_final]
+    assert len(finals) >= 5, len(finals)
+    assert "river" in " ".join(e.text for e in finals).lower()
+    await conv.close()
 
 
 async def test_barge_in_stops_the_avatar(engines: Engines, tts_engine: TtsEngine) -> None:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -10,6 +16,8 @@ from parley import rpc
 from parley.errors import InvalidInput
 from parley.v1 import llm_pb2, llm_pb2_grpc
 
+from services.llm.backends.llama_cpp import bundled_model_path
+from services.llm.config import LlmConfig
 from services.llm.engine import ChatMessage, GenerationStats, LlmEngine
 from services.llm.servicer import LlmServicer
 
@@ -115,3 +123,83 @@ async def test_grpc_generate_streams_and_rejects_bad_input(llm_engine: LlmEngine
             assert "role must be" in (err.value.details() or "")
     finally:
         await server.stop(None)
+
+
+async def test_prefill_reads_the_persona_ahead_of_the_first_turn(llm_engine: LlmEngine) -> None:
+    persona = ChatMessage("system", "You are Bo, a terse ship's cook. Answer in five words.")
+    tokens = await llm_engine.prefill(persona)
+    assert tokens > 10
+    # Another session in between: the persona must come back from the RAM cache.
+    await collect(llm_engine, [PERSONA, ChatMessage("user", "Hello!")])
+    _, stats = await collect(llm_engine, [persona, ChatMessage("user", "What is for dinner?")])
+    assert stats.cached_tokens >= tokens, (stats.cached_tokens, tokens)
+    with pytest.raises(InvalidInput, match="system message"):
+        await llm_engine.prefill(ChatMessage("user", "hi"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real llama.cpp OpenAI-compatible server (llama_cpp.server) on loopback."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("llama_server") / "server.log").open("w+b")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model_path()),
+         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2",
+         "--model_alias", "smollm2"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"llama_cpp.server exited: {log.read()[-2000:]!r}")
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+async def test_openai_backend_streams_from_a_real_server(llama_server: str) -> None:
+    engine = LlmEngine(LlmConfig(backend="openai", url=llama_server, temperature=0.0))
+    await engine.start()  # finds the model name and warms up
+    try:
+        text, stats = await collect(
+            engine, [PERSONA, ChatMessage("user", "What is the capital of France?")]
+        )
+        assert "paris" in text.lower(), text
+        assert stats.completion_tokens > 0  # prompt usage: only servers that send it
+        assert stats.finish_reason in ("stop", "length")
+        # Cancellation closes the HTTP stream; the server serves the next request.
+        gen = engine.generate([PERSONA, ChatMessage("user", "Count from one to fifty.")])
+        first = await anext(gen)
+        await gen.aclose()
+        assert first
+        text, _ = await collect(engine, [PERSONA, ChatMessage("user", "Say hello.")])
+        assert text.strip()
+    finally:
+        await engine.close()
+
+
+async def test_openai_backend_reports_an_unreachable_server() -> None:
+    from parley.errors import ModelUnavailable
+
+    engine = LlmEngine(LlmConfig(backend="openai", url=f"http://127.0.0.1:{_free_port()}/v1"))
+    with pytest.raises(ModelUnavailable, match="failed"):
+        await engine.start()
+    await engine.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -68,6 +70,62 @@ def streaming(
         return handler
 
     return wrap
+
+
+_END = object()
+
+
+async def relay(produce: Callable[[Callable[[T], None]], Awaitable[None]]) -> AsyncIterator[T]:
+    """Run `produce(emit)` as a task and yield what it emits, in order, until it returns.
+
+    Bidirectional handlers read their request stream inside `produce` while results
+    flow out here; an error raised by `produce` (say, a client's bad message) is
+    re-raised after what was emitted before it, so the stream ends with its status.
+    """
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def run() -> None:
+        try:
+            await produce(queue.put_nowait)
+        finally:
+            queue.put_nowait(_END)
+
+    task = asyncio.create_task(run())
+    try:
+        while (item := await queue.get()) is not _END:
+            yield item
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def forward_while(events: asyncio.Queue[T], read: Awaitable[None]) -> AsyncIterator[T]:
+    """Yield what a stream engine queues in `events` while `read` consumes the requests.
+
+    Once `read` returns (the client half-closed and the engine finished), the
+    events still queued follow; if it raises, the stream ends with that error.
+    """
+
+    async def produce(emit: Callable[[T], None]) -> None:
+        async def forward() -> None:
+            while True:
+                emit(await events.get())
+
+        forwarder = asyncio.create_task(forward())
+        try:
+            await read
+        finally:
+            forwarder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forwarder
+        while not events.empty():
+            emit(events.get_nowait())
+
+    async for item in relay(produce):
+        yield item
 
 
 async def make_server(

@@ -7,6 +7,8 @@ including its capital-letter diphthongs (A=eɪ, I=aɪ, O=oʊ, W=aʊ, Y=ɔɪ).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 VISEMES = ("sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou")
 
 _GROUPS = {
@@ -34,3 +36,13 @@ MODIFIERS = frozenset("ˈˌːˑ")
 def viseme_for(phoneme: str) -> str:
     """Viseme of a phoneme symbol; anything unknown (pauses, punctuation) is silence."""
     return PHONEME_TO_VISEME.get(phoneme, "sil")
+
+
+@dataclass(frozen=True, slots=True)
+class Phoneme:
+    """A phoneme of synthesized speech and where it sits in the audio (in samples)."""
+
+    phoneme: str
+    viseme: str
+    start_sample: int
+    num_samples: int

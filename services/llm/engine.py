@@ -6,7 +6,7 @@ Plain async Python; the gRPC servicer and the conversation engine both use it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -103,6 +103,23 @@ class LlmEngine:
     async def close(self) -> None:
         await self.backend.close()
 
+    async def prefill(self, system: ChatMessage) -> int:
+        """Read a session's persona ahead of its first turn, where the backend can.
+
+        Remote servers (vLLM, llama.cpp server) cache prefixes on their own; this
+        returns 0 for them.
+        """
+        if system.role != "system":
+            raise InvalidInput(f"prefill takes a system message, got role {system.role!r}")
+        validate_messages([system, ChatMessage("user", "")], self.config.max_prompt_chars)
+        prefill = getattr(self.backend, "prefill", None)
+        if prefill is None:
+            return 0
+        started = clock.now()
+        tokens: int = await prefill(system)
+        metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
+        return tokens
+
     async def generate(
         self,
         messages: list[ChatMessage],
@@ -110,7 +127,7 @@ class LlmEngine:
         max_tokens: int = 0,
         temperature: float | None = None,
         stats: GenerationStats | None = None,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Stream the reply. Cancel the consuming task (or stop iterating) to stop generation."""
         validate_messages(messages, self.config.max_prompt_chars)
         params = GenerationParams(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -21,13 +22,16 @@ import numpy as np
 from parley import clock, metrics
 from parley.errors import InvalidInput
 from parley.vad import SAMPLE_RATE
+from parley.visemes import Phoneme
 
 from services.asr.engine import Activity, AsrEngine, Transcript
 from services.llm.engine import ChatMessage, GenerationStats, LlmEngine
 from services.sessions.trace import TurnTrace
-from services.tts.engine import Phoneme, Speech, TtsEngine
+from services.tts.engine import Speech, TtsEngine
 from services.turn.config import TurnConfig
 from services.turn.engine import TurnDetector, TurnEventKind
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PERSONA = (
     "You are Ava, a friendly assistant on a video call. "
@@ -108,6 +112,18 @@ class Conversation:
         self._reply: asyncio.Task[None] | None = None
         self._reply_speaking = False
         self._closed = False
+        self._prefill: asyncio.Task[int] | None = None
+
+    def prepare(self) -> asyncio.Task[int]:
+        """Start reading the persona into the LLM's prefix cache, in the background.
+
+        Called when the session is created, so the first turn only pays for the
+        user's words (the persona alone is ~0.4 s of prompt reading on 2 cores).
+        """
+        if self._prefill is None:
+            self._prefill = asyncio.create_task(self.engines.llm.prefill(self.persona))
+            self._prefill.add_done_callback(_log_prefill_failure)
+        return self._prefill
 
     # -- input ----------------------------------------------------------------------------
     async def push_audio(self, samples: np.ndarray) -> None:
@@ -256,8 +272,25 @@ class Conversation:
     async def wait_idle(self) -> None:
         """Wait until the reply in progress (if any) has finished or was cancelled."""
         while self._reply is not None and not self._reply.done():
+            # asyncio.wait: a cancelled reply ends the wait, a cancelled waiter propagates.
+            await asyncio.wait({self._reply})
+
+    async def drop_stream(self) -> None:
+        """The client's stream went away without closing: stop talking, forget unfinished input.
+
+        The session stays usable; a new stream starts from a clean input state.
+        """
+        if self._reply is not None:
+            self._reply.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._reply)
+                await self._reply
+        self.asr = self.engines.asr.stream()
+        self.turn_detector = TurnDetector(self.engines.asr.vad_model, self.engines.turn)
+        self.position = 0
+        self._finals, self._carry_text = [], ""
+        self._trace = TurnTrace(turn=self._trace.turn)
+        while not self.events.empty():
+            self.events.get_nowait()
 
     async def close(self) -> None:
         self._closed = True
@@ -265,6 +298,12 @@ class Conversation:
             self._reply.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reply
+
+
+def _log_prefill_failure(task: asyncio.Task[int]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Not fatal: the first reply then reads the persona itself.
+        log.warning("persona prefill failed: %s", task.exception())
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ class SessionRegistry:
             created_at=time.time(),
         )
         record.conversation = Conversation(self.engines, persona_prompt)
+        record.conversation.prepare()
         self._sessions[record.session_id] = record
         return record
 

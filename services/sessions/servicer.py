@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
-from parley import rpc
-from parley.audio import float_to_pcm16, pcm16_to_float
+from parley import rpc, wire
 from parley.errors import InvalidInput
-from parley.v1 import audio_pb2, sessions_pb2, sessions_pb2_grpc
+from parley.v1 import sessions_pb2, sessions_pb2_grpc
 
 from services.sessions.conversation import (
     AvatarAudioEvent,
@@ -49,21 +47,8 @@ def event_to_proto(ev: ConversationEvent) -> sessions_pb2.ServerEvent:
     if isinstance(ev, AvatarAudioEvent):
         return sessions_pb2.ServerEvent(
             avatar_speech=sessions_pb2.AvatarSpeech(
-                audio=audio_pb2.AudioChunk(
-                    pcm16=float_to_pcm16(ev.samples),
-                    sample_rate=ev.sample_rate,
-                    channels=1,
-                    start_sample=ev.start_sample,
-                ),
-                phonemes=[
-                    audio_pb2.PhonemeTiming(
-                        phoneme=p.phoneme,
-                        viseme=p.viseme,
-                        start_sample=p.start_sample,
-                        num_samples=p.num_samples,
-                    )
-                    for p in ev.phonemes
-                ],
+                audio=wire.audio_to_proto(ev.samples, ev.sample_rate, ev.start_sample),
+                phonemes=wire.phonemes_to_proto(ev.phonemes),
                 turn=ev.turn,
             )
         )
@@ -133,30 +118,25 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         assert conv is not None
         record.streaming = True
 
+        closed_cleanly = False
+
         async def read() -> None:
+            nonlocal closed_cleanly
             async for msg in request_iterator:
                 if msg.WhichOneof("event") != "audio":
                     raise InvalidInput("after ConverseStart, send only audio")
-                a = msg.audio
-                await conv.push_audio(pcm16_to_float(a.pcm16, a.sample_rate, a.channels))
-
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                getter = asyncio.ensure_future(conv.events.get())
-                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield event_to_proto(getter.result())
-                    continue
-                getter.cancel()
-                reader.result()  # the client's error, if any, ends the stream with its status
-                # Client half-closed: finish the reply in progress, then send what is left.
-                await conv.wait_idle()
-                while not conv.events.empty():
-                    yield event_to_proto(conv.events.get_nowait())
+                await conv.push_audio(wire.audio_from_proto(msg.audio))
+            # The request stream also ends when the client goes away: tell that from a half-close.
+            if context.cancelled():
                 return
+            await conv.wait_idle()  # half-closed: finish the reply in progress
+            closed_cleanly = True
+
+        try:
+            async for event in rpc.forward_while(conv.events, read()):
+                yield event_to_proto(event)
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            if not closed_cleanly:
+                # Disconnected, cancelled or a bad message: nobody hears the reply in progress.
+                await asyncio.shield(conv.drop_stream())
             record.streaming = False

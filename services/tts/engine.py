@@ -15,17 +15,10 @@ from typing import Protocol
 import numpy as np
 from parley import clock, metrics
 from parley.errors import InvalidInput
+from parley.visemes import Phoneme
 
 from services.tts.chunker import ClauseChunker
 from services.tts.config import TtsConfig
-
-
-@dataclass(frozen=True, slots=True)
-class Phoneme:
-    phoneme: str
-    viseme: str
-    start_sample: int
-    num_samples: int
 
 
 @dataclass(slots=True)

@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
-from parley import rpc
-from parley.audio import float_to_pcm16
+from parley import rpc, wire
 from parley.errors import InvalidInput
-from parley.v1 import audio_pb2, tts_pb2, tts_pb2_grpc
+from parley.v1 import tts_pb2, tts_pb2_grpc
 
 from services.tts.engine import Speech, TtsEngine
 
 
 def speech_to_proto(speech: Speech, start_sample: int) -> tts_pb2.SpeechChunk:
     return tts_pb2.SpeechChunk(
-        audio=audio_pb2.AudioChunk(
-            pcm16=float_to_pcm16(speech.samples),
-            sample_rate=speech.sample_rate,
-            channels=1,
-            start_sample=start_sample,
-        ),
-        phonemes=[
-            audio_pb2.PhonemeTiming(
-                phoneme=p.phoneme,
-                viseme=p.viseme,
-                start_sample=start_sample + p.start_sample,
-                num_samples=p.num_samples,
-            )
-            for p in speech.phonemes
-        ],
+        audio=wire.audio_to_proto(speech.samples, speech.sample_rate, start_sample),
+        phonemes=wire.phonemes_to_proto(speech.phonemes, start_sample),
         text=speech.text,
     )
 
@@ -45,12 +31,15 @@ class TtsServicer(tts_pb2_grpc.TtsServicer):
     ) -> AsyncIterator[tts_pb2.TtsEvent]:
         """Each flush ends one utterance: its clauses stream out, then a `done` event."""
         chunker = self.engine.chunker()
-        position = 0
-        pending: asyncio.Queue[asyncio.Future[Speech] | str] = asyncio.Queue()
         configured = False
 
-        async def read() -> None:
+        async def read(emit: Callable[[asyncio.Future[Speech] | str], None]) -> None:
             nonlocal configured
+
+            def synthesize(clauses: list[str]) -> None:
+                for clause in clauses:
+                    emit(asyncio.ensure_future(self.engine.synthesize(clause)))
+
             async for req in request_iterator:
                 kind = req.WhichOneof("payload")
                 if kind == "config":
@@ -63,41 +52,22 @@ class TtsServicer(tts_pb2_grpc.TtsServicer):
                         )
                     configured = True
                 elif kind == "text":
-                    for clause in chunker.push(req.text):
-                        pending.put_nowait(asyncio.ensure_future(self.engine.synthesize(clause)))
+                    synthesize(chunker.push(req.text))
                 elif kind == "flush":
-                    for clause in chunker.flush():
-                        pending.put_nowait(asyncio.ensure_future(self.engine.synthesize(clause)))
-                    pending.put_nowait("flush")
+                    synthesize(chunker.flush())
+                    emit("flush")
                 else:
                     raise InvalidInput("empty TtsRequest: set config, text or flush")
-            for clause in chunker.flush():
-                pending.put_nowait(asyncio.ensure_future(self.engine.synthesize(clause)))
-            pending.put_nowait("end")
+            synthesize(chunker.flush())
 
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                if reader.done():
-                    reader.result()  # raises the reader's error, if any
-                    item = await pending.get()
-                else:
-                    getter = asyncio.ensure_future(pending.get())
-                    await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
-                        continue
-                    item = getter.result()
-                if item == "end":
-                    break
-                if item == "flush":
-                    yield tts_pb2.TtsEvent(done=tts_pb2.SpeechDone(total_samples=position))
-                    continue
-                assert not isinstance(item, str)
-                speech = await item
-                if len(speech.samples):
-                    yield tts_pb2.TtsEvent(speech=speech_to_proto(speech, position))
-                    position += len(speech.samples)
-            yield tts_pb2.TtsEvent(done=tts_pb2.SpeechDone(total_samples=position))
-        finally:
-            reader.cancel()
+        # Clauses are synthesized as they arrive and sent in order.
+        position = 0
+        async for item in rpc.relay(read):
+            if isinstance(item, str):
+                yield tts_pb2.TtsEvent(done=tts_pb2.SpeechDone(total_samples=position))
+                continue
+            speech = await item
+            if len(speech.samples):
+                yield tts_pb2.TtsEvent(speech=speech_to_proto(speech, position))
+                position += len(speech.samples)
+        yield tts_pb2.TtsEvent(done=tts_pb2.SpeechDone(total_samples=position))

@@ -95,6 +95,45 @@ class LlamaCppBackend:
         stops = result.stop if isinstance(result.stop, list) else [result.stop or ""]
         return result.prompt, [s for s in stops if s]
 
+    def _reusable_prefix(self, tokens: list[int]) -> int:
+        """Prompt tokens llama.cpp will not re-read: from the live state or a cached snapshot."""
+        llama = self._llama
+        best = int(llama.longest_token_prefix(llama._input_ids.tolist(), tokens))
+        if llama.cache is not None:
+            key = llama.cache._find_longest_prefix_key(tuple(tokens))
+            if key is not None:
+                best = max(best, int(llama.longest_token_prefix(key, tokens)))
+        return best
+
+    def _prefix_tokens(self, system: ChatMessage) -> list[int]:
+        """Tokens every conversation with this system prompt starts with.
+
+        Found as the common start of two formatted prompts that differ only in the
+        user's words, so it works for any chat template.
+        """
+        llama = self._llama
+        a, _ = self._prompt([system, ChatMessage("user", "a")])
+        b, _ = self._prompt([system, ChatMessage("user", "b")])
+        ta = llama.tokenize(a.encode("utf-8"), add_bos=False, special=True)
+        tb = llama.tokenize(b.encode("utf-8"), add_bos=False, special=True)
+        return ta[: llama.longest_token_prefix(ta, tb)]
+
+    def _prefill(self, system: ChatMessage) -> int:
+        tokens = self._prefix_tokens(system)
+        if len(tokens) + 1 > self.config.n_ctx:
+            raise InvalidInput(f"system prompt of {len(tokens)} tokens does not fit the context")
+        # Evaluating the prefix leaves it in the live KV state and (through the RAM
+        # cache) in a snapshot, so the session's first reply only reads its own words.
+        for _ in self._llama.create_completion(tokens, max_tokens=1, temperature=0.0, stream=True):
+            pass
+        return len(tokens)
+
+    async def prefill(self, system: ChatMessage) -> int:
+        if self._llama is None:
+            raise ModelUnavailable("LLM backend not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._prefill, system)
+
     def _run(
         self,
         messages: list[ChatMessage],
@@ -112,7 +151,7 @@ class LlamaCppBackend:
                 f" ({self.config.n_ctx} tokens with {params.max_tokens} for the reply)"
             )
         stats.prompt_tokens = len(tokens)
-        stats.cached_tokens = int(llama.longest_token_prefix(llama._input_ids.tolist(), tokens))
+        stats.cached_tokens = self._reusable_prefix(tokens)
         stream = llama.create_completion(
             tokens,
             max_tokens=params.max_tokens,

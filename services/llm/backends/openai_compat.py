@@ -70,6 +70,7 @@ class OpenAICompatBackend:
             )
         except openai.APIError as exc:
             raise ModelUnavailable(f"LLM server {self.config.url} failed: {exc}") from exc
+        deltas = 0
         try:
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -83,9 +84,13 @@ class OpenAICompatBackend:
                 if choice.finish_reason:
                     stats.finish_reason = choice.finish_reason
                 if choice.delta and choice.delta.content:
+                    deltas += 1
                     yield choice.delta.content
         finally:
             await stream.close()
+            # Servers that ignore stream_options (llama.cpp's Python server) send no usage;
+            # they stream one token per delta.
+            stats.completion_tokens = stats.completion_tokens or deltas
 
     async def close(self) -> None:
         if self._client is not None:

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 from parley.errors import InvalidInput, ModelUnavailable
-from parley.visemes import MODIFIERS, PHONEME_TO_VISEME, viseme_for
+from parley.visemes import MODIFIERS, PHONEME_TO_VISEME, Phoneme, viseme_for
 
 from services.tts.config import TtsConfig
-from services.tts.engine import Phoneme, Speech
+from services.tts.engine import Speech
 
 #: The graph tensor holding rounded per-phoneme durations (in units of two 12.5 ms frames).
 DURATION_TENSOR = "/Clip_output_0"
