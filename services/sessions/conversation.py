@@ -179,6 +179,8 @@ class Conversation:
         if trace is not None:
             trace.interrupted = True
             trace.interruption_stop_s = stop
+            trace.interrupted_at = clock.now()
+            trace.extra["output_position_at_stop"] = self.output_position
 
     async def _respond(self, trace: TurnTrace) -> None:
         final = await self.asr.finalize()

@@ -31,6 +31,8 @@ class TurnTrace:
     interrupted: bool = False
     #: seconds from detected user speech to the avatar going quiet, when interrupted
     interruption_stop_s: float = 0.0
+    #: wall clock at which the interrupted reply was cancelled (no audio leaves after it)
+    interrupted_at: float = 0.0
     llm_prompt_tokens: int = 0
     llm_cached_tokens: int = 0
     asr_decode_s: float = 0.0

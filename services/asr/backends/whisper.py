@@ -2,9 +2,9 @@
 
 Whisper pads every input to 30 s, which costs ~0.3 s of encoder time on two CPU
 cores whatever the utterance length. We call the CTranslate2 model directly with
-a window of max(utterance + 0.3 s, min_window_s): the encoder cost drops 5x, and
-a window of 6 s or more keeps the decoder from repeating itself (measured; see
-docs/benchmarks.md).
+a window of max(utterance + 0.3 s, min_window_s): the encoder cost drops 2-4x,
+and a window of 10 s or more keeps the decoder from repeating itself on real
+speech (6 s was enough for synthetic speech; measured, see docs/benchmarks.md).
 """
 
 from __future__ import annotations
