@@ -97,12 +97,17 @@ def summarize(results: list[TurnResult]) -> dict[str, Any]:
             "p95_s": percentile(vals, 95),
             "n": len(vals),
         }
-    u2u = [r.u2u_s for r in results if r.u2u_s is not None]
+    # A reply that starts before the user's speech ends cut them off: counted apart,
+    # not as a (negative) latency.
+    u2u = [r.u2u_s for r in results if r.u2u_s is not None and r.u2u_s >= 0]
+    cut_ins = [r.index for r in results if r.u2u_s is not None and r.u2u_s < 0]
     refs = [normalize(r.reference) for r in results if normalize(r.reference)]
     hyps = [normalize(r.hypothesis) or "<empty>" for r in results if normalize(r.reference)]
     return {
         "turns": len(results),
-        "answered": len(u2u),
+        "answered": len(u2u) + len(cut_ins),
+        "false_cut_ins": len(cut_ins),
+        "cut_in_turns": cut_ins,
         "u2u_p50_s": percentile(u2u, 50),
         "u2u_p95_s": percentile(u2u, 95),
         "u2u_max_s": max(u2u) if u2u else None,

@@ -127,14 +127,33 @@ async def test_grpc_generate_streams_and_rejects_bad_input(llm_engine: LlmEngine
 
 async def test_prefill_reads_the_persona_ahead_of_the_first_turn(llm_engine: LlmEngine) -> None:
     persona = ChatMessage("system", "You are Bo, a terse ship's cook. Answer in five words.")
-    tokens = await llm_engine.prefill(persona)
+    tokens = await llm_engine.prefill([persona])
     assert tokens > 10
     # Another session in between: the persona must come back from the RAM cache.
     await collect(llm_engine, [PERSONA, ChatMessage("user", "Hello!")])
     _, stats = await collect(llm_engine, [persona, ChatMessage("user", "What is for dinner?")])
     assert stats.cached_tokens >= tokens, (stats.cached_tokens, tokens)
     with pytest.raises(InvalidInput, match="system message"):
-        await llm_engine.prefill(ChatMessage("user", "hi"))
+        await llm_engine.prefill([ChatMessage("user", "hi")])
+
+
+async def test_prefill_reads_the_history_while_the_user_talks(llm_engine: LlmEngine) -> None:
+    """After a reply, the next turn's prompt up to the user's words is read ahead."""
+    persona = ChatMessage("system", "You are Kit, a park ranger. Answer briefly.")
+    history = [
+        ChatMessage("user", "Which trail is the easiest one for children?"),
+        ChatMessage("assistant", "The lakeside loop: flat, shaded and two miles long."),
+    ]
+    tokens = await llm_engine.prefill([persona, *history])
+    # Another session uses the model meanwhile; the prefix comes back from a snapshot.
+    await collect(llm_engine, [PERSONA, ChatMessage("user", "Good morning!")])
+    _, stats = await collect(
+        llm_engine, [persona, *history, ChatMessage("user", "Are dogs allowed there?")]
+    )
+    assert stats.cached_tokens >= tokens > 30
+    assert stats.prompt_tokens - stats.cached_tokens < 20  # only the new words were read
+    # A prefix already held is not read again.
+    assert await llm_engine.prefill([persona, *history]) == tokens
 
 
 def _free_port() -> int:

@@ -23,8 +23,13 @@ class LlmConfig(BaseModel):
     api_key: str = "none"
     #: Context window for llama_cpp.
     n_ctx: int = Field(default=2048, ge=256, le=131072)
-    #: CPU threads for llama_cpp (generation and prompt reading).
-    threads: int = Field(default=2, ge=1, le=256)
+    #: CPU threads for llama_cpp token generation, and for reading prompts. One each by
+    #: default: llama.cpp's threads spin-wait on each other, so when anything else
+    #: takes a core (ASR, TTS, another process) two threads collapse to a few tokens/s;
+    #: one thread stays at ~85 tokens/s (measured, docs/benchmarks.md). Raise them on
+    #: cores reserved for the LLM.
+    threads: int = Field(default=1, ge=1, le=256)
+    batch_threads: int = Field(default=1, ge=1, le=256)
     #: Layers offloaded to a GPU when llama.cpp was built with one (-1: all).
     gpu_layers: int = -1
     max_tokens: int = Field(default=40, ge=1, le=4096)

@@ -103,20 +103,23 @@ class LlmEngine:
     async def close(self) -> None:
         await self.backend.close()
 
-    async def prefill(self, system: ChatMessage) -> int:
-        """Read a session's persona ahead of its first turn, where the backend can.
+    async def prefill(self, messages: list[ChatMessage]) -> int:
+        """Read a conversation's prompt ahead of its next turn, where the backend can.
 
-        Remote servers (vLLM, llama.cpp server) cache prefixes on their own; this
-        returns 0 for them.
+        `messages` is the persona (a system message) and the history so far: called
+        when a session starts and after each reply, while the user is still talking,
+        so the next reply only reads the user's new words. Returns the prefix length
+        in tokens. Remote servers (vLLM, llama.cpp server) cache prefixes on their
+        own; this returns 0 for them.
         """
-        if system.role != "system":
-            raise InvalidInput(f"prefill takes a system message, got role {system.role!r}")
-        validate_messages([system, ChatMessage("user", "")], self.config.max_prompt_chars)
+        if not messages or messages[0].role != "system":
+            raise InvalidInput("prefill takes the conversation from its system message on")
+        validate_messages([*messages, ChatMessage("user", "")], self.config.max_prompt_chars)
         prefill = getattr(self.backend, "prefill", None)
         if prefill is None:
             return 0
         started = clock.now()
-        tokens: int = await prefill(system)
+        tokens: int = await prefill(messages)
         metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
         return tokens
 

@@ -121,9 +121,17 @@ class Conversation:
         user's words (the persona alone is ~0.4 s of prompt reading on 2 cores).
         """
         if self._prefill is None:
-            self._prefill = asyncio.create_task(self.engines.llm.prefill(self.persona))
-            self._prefill.add_done_callback(_log_prefill_failure)
+            self._read_ahead()
+        assert self._prefill is not None
         return self._prefill
+
+    def _read_ahead(self) -> None:
+        """Have the LLM read the next turn's prompt (persona + history) in the background.
+
+        Runs while the user is talking, so the next reply only reads their new words.
+        """
+        self._prefill = asyncio.create_task(self.engines.llm.prefill([self.persona, *self.history]))
+        self._prefill.add_done_callback(_log_prefill_failure)
 
     # -- input ----------------------------------------------------------------------------
     async def push_audio(self, samples: np.ndarray) -> None:
@@ -196,8 +204,6 @@ class Conversation:
         self.turn = trace.turn
         trace.user_text = user_text
         self.traces.append(trace)
-        if len(self.history) > HISTORY_MESSAGES:
-            self.history = self.history[-(HISTORY_MESSAGES // 2) :]
         messages = [self.persona, *self.history, ChatMessage("user", user_text)]
         spoken: list[str] = []
         try:
@@ -217,6 +223,10 @@ class Conversation:
                     ChatMessage("user", user_text),
                     ChatMessage("assistant", trace.reply_text),
                 ]
+                if len(self.history) > HISTORY_MESSAGES:
+                    self.history = self.history[-(HISTORY_MESSAGES // 2) :]
+                if not self._closed:
+                    self._read_ahead()
                 trace.observe()
                 self._emit(TurnDoneEvent(trace))
 
@@ -296,6 +306,8 @@ class Conversation:
 
     async def close(self) -> None:
         self._closed = True
+        if self._prefill is not None:
+            self._prefill.cancel()
         if self._reply is not None:
             self._reply.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -304,8 +316,8 @@ class Conversation:
 
 def _log_prefill_failure(task: asyncio.Task[int]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        # Not fatal: the first reply then reads the persona itself.
-        log.warning("persona prefill failed: %s", task.exception())
+        # Not fatal: the next reply then reads the whole prompt itself.
+        log.warning("prompt read-ahead failed: %s", task.exception())
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,32 @@ def check_gguf(path: Path) -> None:
             raise InvalidInput(f"LLM model file {path} is not a GGUF file")
 
 
+def slim_state_cache(capacity_bytes: int) -> Any:
+    """llama.cpp's RAM state cache, without the logits copy in every snapshot.
+
+    Each snapshot llama-cpp-python takes also copies its logits buffer
+    (n_batch × vocabulary floats: ~100 MB for SmolLM2), which the cache neither
+    counts against its capacity nor needs: a restored state is decoded again
+    before sampling. We keep one row (it broadcasts on restore) and count what
+    is really held.
+    """
+    from llama_cpp import LlamaRAMCache
+
+    class SlimRAMCache(LlamaRAMCache):
+        @property
+        def cache_size(self) -> int:
+            return sum(
+                s.llama_state_size + s.scores.nbytes + s.input_ids.nbytes
+                for s in self.cache_state.values()
+            )
+
+        def __setitem__(self, key: Any, value: Any) -> None:
+            value.scores = value.scores[-1:].copy()
+            super().__setitem__(key, value)
+
+    return SlimRAMCache(capacity_bytes=capacity_bytes)
+
+
 class LlamaCppBackend:
     name = "llama_cpp"
 
@@ -61,7 +87,7 @@ class LlamaCppBackend:
         await loop.run_in_executor(self._executor, self._load)
 
     def _load(self) -> None:
-        from llama_cpp import Llama, LlamaRAMCache
+        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         try:
@@ -69,14 +95,14 @@ class LlamaCppBackend:
                 model_path=str(self.model_path),
                 n_ctx=self.config.n_ctx,
                 n_threads=self.config.threads,
-                n_threads_batch=self.config.threads,
+                n_threads_batch=self.config.batch_threads,
                 n_gpu_layers=self.config.gpu_layers,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelUnavailable(f"llama.cpp could not load {self.model_path}: {exc}") from exc
         if self.config.prefix_cache_bytes:
-            llama.set_cache(LlamaRAMCache(capacity_bytes=self.config.prefix_cache_bytes))
+            llama.set_cache(slim_state_cache(self.config.prefix_cache_bytes))
         template = llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ModelUnavailable(f"{self.model_path} has no chat template; use an instruct model")
@@ -105,34 +131,36 @@ class LlamaCppBackend:
                 best = max(best, int(llama.longest_token_prefix(key, tokens)))
         return best
 
-    def _prefix_tokens(self, system: ChatMessage) -> list[int]:
-        """Tokens every conversation with this system prompt starts with.
+    def _prefix_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        """Tokens every next turn after `messages` starts with.
 
         Found as the common start of two formatted prompts that differ only in the
-        user's words, so it works for any chat template.
+        user's next words, so it works for any chat template.
         """
         llama = self._llama
-        a, _ = self._prompt([system, ChatMessage("user", "a")])
-        b, _ = self._prompt([system, ChatMessage("user", "b")])
+        a, _ = self._prompt([*messages, ChatMessage("user", "a")])
+        b, _ = self._prompt([*messages, ChatMessage("user", "b")])
         ta = llama.tokenize(a.encode("utf-8"), add_bos=False, special=True)
         tb = llama.tokenize(b.encode("utf-8"), add_bos=False, special=True)
         return ta[: llama.longest_token_prefix(ta, tb)]
 
-    def _prefill(self, system: ChatMessage) -> int:
-        tokens = self._prefix_tokens(system)
+    def _prefill(self, messages: list[ChatMessage]) -> int:
+        tokens = self._prefix_tokens(messages)
         if len(tokens) + 1 > self.config.n_ctx:
-            raise InvalidInput(f"system prompt of {len(tokens)} tokens does not fit the context")
+            raise InvalidInput(f"a prefix of {len(tokens)} tokens does not fit the context")
+        if self._reusable_prefix(tokens) >= len(tokens):
+            return len(tokens)  # already in the live state or a snapshot
         # Evaluating the prefix leaves it in the live KV state and (through the RAM
-        # cache) in a snapshot, so the session's first reply only reads its own words.
+        # cache) in a snapshot, so the next reply only reads the user's new words.
         for _ in self._llama.create_completion(tokens, max_tokens=1, temperature=0.0, stream=True):
             pass
         return len(tokens)
 
-    async def prefill(self, system: ChatMessage) -> int:
+    async def prefill(self, messages: list[ChatMessage]) -> int:
         if self._llama is None:
             raise ModelUnavailable("LLM backend not started")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._prefill, system)
+        return await loop.run_in_executor(self._executor, self._prefill, messages)
 
     def _run(
         self,
