@@ -60,19 +60,28 @@ BARGE_IN_QUESTIONS = (
 BARGE_IN_INTERRUPTIONS = ("Wait, stop, I have another question.", "Sorry, hold on a second.")
 
 
-async def run_barge_ins(conv: Conversation, trials: int, console: Console) -> dict[str, Any]:
+#: A persona that talks at length, so there is a reply to cut into.
+STORYTELLER = "You are a storyteller on a video call. Answer every question with a long story."
+
+
+async def run_barge_ins(engines: Engines, trials: int, console: Console) -> dict[str, Any]:
+    conv = Conversation(engines, STORYTELLER)
+    await conv.prepare()
     spoken = speak_as_user(BARGE_IN_QUESTIONS + BARGE_IN_INTERRUPTIONS)
     audio = [resample(a, rate, ASR_SAMPLE_RATE) for a, rate in spoken]
     questions, interruptions = audio[: len(BARGE_IN_QUESTIONS)], audio[len(BARGE_IN_QUESTIONS) :]
     results: list[BargeInResult] = []
-    with console.status("barge-in trials") as status:
-        for i in range(trials):
-            status.update(f"barge-in trial {i + 1}/{trials}")
-            results.append(
-                await barge_in_trial(
-                    conv, questions[i % len(questions)], interruptions[i % len(interruptions)]
+    try:
+        with console.status("barge-in trials") as status:
+            for i in range(trials):
+                status.update(f"barge-in trial {i + 1}/{trials}")
+                results.append(
+                    await barge_in_trial(
+                        conv, questions[i % len(questions)], interruptions[i % len(interruptions)]
+                    )
                 )
-            )
+    finally:
+        await conv.close()
     counted = [r for r in results if r.avatar_was_talking]
     onset = [r.onset_to_stop_s for r in counted if r.onset_to_stop_s is not None]
     detected = [r.detected_to_stop_s for r in counted if r.detected_to_stop_s is not None]
@@ -163,7 +172,7 @@ async def run(
                 )
 
             results, recording = await replay(conv, utterances, record=record, on_turn=on_turn)
-        barge_in = await run_barge_ins(conv, barge_ins, console) if barge_ins else None
+        barge_in = await run_barge_ins(engines, barge_ins, console) if barge_ins else None
     finally:
         await conv.close()
         await engines.close()

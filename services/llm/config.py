@@ -23,12 +23,13 @@ class LlmConfig(BaseModel):
     api_key: str = "none"
     #: Context window for llama_cpp.
     n_ctx: int = Field(default=2048, ge=256, le=131072)
-    #: CPU threads for llama_cpp token generation, and for reading prompts. One each by
-    #: default: llama.cpp's threads spin-wait on each other, so when anything else
-    #: takes a core (ASR, TTS, another process) two threads collapse to a few tokens/s;
-    #: one thread stays at ~85 tokens/s (measured, docs/benchmarks.md). Raise them on
-    #: cores reserved for the LLM.
-    threads: int = Field(default=1, ge=1, le=256)
+    #: CPU threads for llama_cpp token generation, and for reading prompts.
+    #: Prompts are read ahead while the user talks, alongside ASR decodes: two
+    #: threads there made p95 u2u 1.9 s (llama.cpp's threads spin-wait on each other
+    #: and stall when another thread takes their core); one keeps it at 0.7 s.
+    #: Generation runs while ASR is idle: two threads gave p50 -55 ms. With other
+    #: busy processes on the same cores, set `threads: 1` (docs/benchmarks.md).
+    threads: int = Field(default=2, ge=1, le=256)
     batch_threads: int = Field(default=1, ge=1, le=256)
     #: Layers offloaded to a GPU when llama.cpp was built with one (-1: all).
     gpu_layers: int = -1

@@ -34,13 +34,14 @@ from services.turn.engine import TurnDetector, TurnEventKind
 log = logging.getLogger(__name__)
 
 DEFAULT_PERSONA = (
-    "You are Ava, a friendly assistant on a video call. "
-    "Answer the user's last question in one short spoken sentence."
+    "You are Ava, a cheerful English-speaking guide on a video call. Reply in English"
+    " with one short, helpful sentence. Never apologise or say you are an AI."
 )
-#: Earlier messages kept in the prompt (besides the persona). When the history
-#: outgrows this, the oldest half is dropped at once, so the prompt prefix (and the
-#: LLM's KV cache of it) stays valid for many turns instead of shifting every turn.
-HISTORY_MESSAGES = 12
+#: Earlier messages kept in the prompt (besides the persona): a sliding window. The
+#: prompt is read ahead while the user talks, so shifting it each turn costs no
+#: latency; small models (the embedded 135M one) drift into repeating their own
+#: earlier answers when they see more. A larger model can take more (`history_messages`).
+HISTORY_MESSAGES = 4
 OUTPUT_FRAME_S = 0.02
 #: How far audio is sent ahead of real time (the client's jitter buffer).
 OUTPUT_LEAD_S = 0.04
@@ -93,7 +94,15 @@ class Engines:
 
 
 class Conversation:
-    def __init__(self, engines: Engines, persona: str = DEFAULT_PERSONA) -> None:
+    def __init__(
+        self,
+        engines: Engines,
+        persona: str = DEFAULT_PERSONA,
+        history_messages: int = HISTORY_MESSAGES,
+    ) -> None:
+        if not 0 <= history_messages <= 200:
+            raise InvalidInput("history_messages must be within [0, 200]")
+        self.history_messages = history_messages
         if len(persona) > 4000:
             raise InvalidInput("persona prompt is too long (limit 4000 characters)")
         self.engines = engines
@@ -223,8 +232,8 @@ class Conversation:
                     ChatMessage("user", user_text),
                     ChatMessage("assistant", trace.reply_text),
                 ]
-                if len(self.history) > HISTORY_MESSAGES:
-                    self.history = self.history[-(HISTORY_MESSAGES // 2) :]
+                keep = self.history_messages
+                self.history = self.history[-keep:] if keep else []
                 if not self._closed:
                     self._read_ahead()
                 trace.observe()
