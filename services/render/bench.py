@@ -103,6 +103,7 @@ def bench_render(
         "threads": threads,
         "streams_per_core_at_30fps": round(fps / _FPS / threads, 3),
         "pairs_last_frame": rasterizer.last_stats.get("pairs", 0),
+        "frame_ms": [round(float(x), 2) for x in ms],
     }
 
 
