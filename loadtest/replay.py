@@ -75,7 +75,8 @@ class Recording:
 
     start: float
     user: list[tuple[float, np.ndarray]] = field(default_factory=list)  # 16 kHz
-    avatar: list[tuple[float, np.ndarray]] = field(default_factory=list)  # avatar rate
+    #: avatar audio as it left the conversation (avatar rate, phonemes for the video)
+    avatar: list[tuple[float, AvatarAudioEvent]] = field(default_factory=list)
     avatar_rate: int = 24_000
 
 
@@ -132,7 +133,7 @@ async def replay(
             elif isinstance(ev, UserTranscriptEvent) and ev.is_final:
                 last_final[0] = ev.text
             elif isinstance(ev, AvatarAudioEvent) and rec is not None:
-                rec.avatar.append((clock.now(), ev.samples))
+                rec.avatar.append((clock.now(), ev))
 
     consumer = asyncio.create_task(consume())
     silence = np.zeros(FRAME, np.float32)
