@@ -38,3 +38,14 @@ INPUT_ERRORS = Counter(
     "parley_input_errors_total", "External inputs rejected as invalid", ["service"]
 )
 LLM_TOKENS = Counter("parley_llm_tokens_total", "Tokens processed by the LLM", ["kind"])
+
+RENDER_FRAMES_DROPPED = Counter(
+    "parley_render_frames_dropped_total",
+    "Video frames skipped because rendering fell behind real time",
+)
+RENDER_FRAME_SECONDS = Histogram(
+    "parley_render_frame_seconds",
+    "Seconds to render one video frame (pose, deformation, rasterisation); its count"
+    " is the number of frames rendered",
+    buckets=LATENCY_BUCKETS,
+)
