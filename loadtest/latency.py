@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import jiwer
 import numpy as np
 from parley import clock
 from parley.audio import ASR_SAMPLE_RATE, resample, write_wav
+from parley.visemes import Phoneme
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -28,11 +30,13 @@ from loadtest.replay import BargeInResult, Recording, TurnResult, barge_in_trial
 from services.asr.engine import AsrEngine
 from services.llm.config import LlmConfig
 from services.llm.engine import LlmEngine
-from services.sessions.conversation import Conversation, Engines
+from services.render.encoder import write_mp4
+from services.render.engine import RenderEngine
+from services.sessions.conversation import AvatarAudioEvent, Conversation, Engines
 from services.tts.engine import TtsEngine
 
 STAGES = ("speech_end_detected", "asr_final", "end_of_turn", "llm_first_token",
-          "tts_first_audio", "first_output")  # fmt: skip
+          "tts_first_audio", "first_output", "first_frame")  # fmt: skip
 
 
 def rss_mb() -> float:
@@ -110,6 +114,14 @@ def summarize(results: list[TurnResult]) -> dict[str, Any]:
     # not as a (negative) latency.
     u2u = [r.u2u_s for r in results if r.u2u_s is not None and r.u2u_s >= 0]
     cut_ins = [r.index for r in results if r.u2u_s is not None and r.u2u_s < 0]
+    # Audio and video: the first audio out together with its rendered frame.
+    u2u_av = [
+        max(a, f)
+        for r in results
+        if (a := r.latencies()["first_output"]) is not None
+        and (f := r.latencies()["first_frame"]) is not None
+        and a >= 0
+    ]
     refs = [normalize(r.reference) for r in results if normalize(r.reference)]
     hyps = [normalize(r.hypothesis) or "<empty>" for r in results if normalize(r.reference)]
     return {
@@ -120,6 +132,8 @@ def summarize(results: list[TurnResult]) -> dict[str, Any]:
         "u2u_p50_s": percentile(u2u, 50),
         "u2u_p95_s": percentile(u2u, 95),
         "u2u_max_s": max(u2u) if u2u else None,
+        "u2u_audio_video_p50_s": percentile(u2u_av, 50),
+        "u2u_audio_video_p95_s": percentile(u2u_av, 95),
         "asr_wer": float(jiwer.wer(refs, hyps)) if refs else None,
         "stages": summary,
     }
@@ -127,7 +141,10 @@ def summarize(results: list[TurnResult]) -> dict[str, Any]:
 
 async def load_engines(llm_model: str = "") -> Engines:
     engines = Engines(
-        asr=AsrEngine(), llm=LlmEngine(LlmConfig(model_path=llm_model)), tts=TtsEngine()
+        asr=AsrEngine(),
+        llm=LlmEngine(LlmConfig(model_path=llm_model)),
+        tts=TtsEngine(),
+        render=RenderEngine(),
     )
     await engines.start()
     return engines
@@ -206,21 +223,74 @@ async def run(
     return report, results, recording
 
 
+def avatar_placements(rec: Recording) -> list[tuple[int, AvatarAudioEvent]]:
+    """Where each avatar audio chunk sits on the recording's timeline (avatar rate).
+
+    Chunks go where they left the conversation, never overlapping the one before:
+    the audio mix and the video both use these positions, so lips match the voice.
+    """
+    rate, end, out = rec.avatar_rate, 0, []
+    for t, ev in rec.avatar:
+        start = max(end, int((t - rec.start) * rate))
+        out.append((start, ev))
+        end = start + len(ev.samples)
+    return out
+
+
 def mix(rec: Recording) -> tuple[np.ndarray, int]:
     """Both voices on one timeline at the avatar's rate."""
     rate = rec.avatar_rate
-    pieces = [(t, resample(a, ASR_SAMPLE_RATE, rate)) for t, a in rec.user]
-    pieces += [(t, ev.samples) for t, ev in rec.avatar]
-    end = max((t - rec.start) * rate + len(a) for t, a in pieces) if pieces else 0
-    out = np.zeros(int(end) + 1, np.float32)
-    for t, a in pieces:
-        i = int((t - rec.start) * rate)
+    pieces = [
+        (int((t - rec.start) * rate), resample(a, ASR_SAMPLE_RATE, rate)) for t, a in rec.user
+    ]
+    pieces += [(start, ev.samples) for start, ev in avatar_placements(rec)]
+    end = max(i + len(a) for i, a in pieces) if pieces else 0
+    out = np.zeros(end + 1, np.float32)
+    for i, a in pieces:
         out[i : i + len(a)] += a
     return np.clip(out, -1, 1), rate
 
 
+def write_video(
+    path: Path, rec: Recording, audio: np.ndarray, render: RenderEngine, console: Console
+) -> int:
+    """The avatar's video of the whole conversation, with both voices, as an MP4.
+
+    Rendered after the conversation (at ~30 ms a frame, rendering every frame live
+    would take a whole core from the loop on a 2-core box); the mouth follows the
+    phoneme timings of the speech exactly as it was sent.
+    """
+    stream = render.stream()
+    rate = rec.avatar_rate
+    for start, ev in avatar_placements(rec):
+        phonemes = [
+            Phoneme(p.phoneme, p.viseme, start + p.start_sample - ev.start_sample, p.num_samples)
+            for p in ev.phonemes
+        ]
+        stream.add_speech(ev.samples, ev.sample_rate, start, phonemes)
+    count = int(len(audio) / rate * stream.fps)
+    progress = Progress(
+        TextColumn("[bold]video"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("", total=count)
+
+        def frames() -> Iterator[np.ndarray]:
+            for i in range(count):
+                yield stream.render_frame(i).rgb
+                progress.advance(task)
+
+        return write_mp4(path, frames(), stream.fps, audio, rate)
+
+
 def write_outputs(
-    out_dir: Path, report: dict[str, Any], results: list[TurnResult], rec: Recording | None
+    out_dir: Path,
+    report: dict[str, Any],
+    results: list[TurnResult],
+    rec: Recording | None,
+    render: RenderEngine | None = None,
+    console: Console | None = None,
 ) -> None:
     from loadtest.report import write_html
 
@@ -233,6 +303,8 @@ def write_outputs(
     if rec is not None:
         audio, rate = mix(rec)
         write_wav(out_dir / "conversation.wav", audio, rate)
+        if render is not None:
+            write_video(out_dir / "conversation.mp4", rec, audio, render, console or Console())
     write_html(out_dir / "report.html", report)
 
 
@@ -255,11 +327,13 @@ def demo(out_dir: Path, llm_model: str = "") -> dict[str, Any]:
     report, results, rec = asyncio.run(
         run(None, None, llm_model=llm_model, record=True, console=console)
     )
-    write_outputs(out_dir, report, results, rec)
+    render = RenderEngine()
+    asyncio.run(render.start())
+    write_outputs(out_dir, report, results, rec, render, console)
     s = report["summary"]
     console.print(
         f"\n[bold]u2u p50 {s['u2u_p50_s'] * 1000:.0f} ms, p95 {s['u2u_p95_s'] * 1000:.0f} ms,"
         f" ASR WER {s['asr_wer'] * 100:.1f}%[/]  → {out_dir}/report.html, conversation.wav,"
-        " transcript.txt"
+        " conversation.mp4, transcript.txt"
     )
     return report

@@ -19,6 +19,7 @@ SEGMENTS = (
     ("llm_first_token", "LLM first token", "#ffb74d"),
     ("tts_first_audio", "TTS first audio", "#81c784"),
     ("first_output", "first audio out", "#e57373"),
+    ("first_frame", "first avatar frame", "#f06292"),
 )
 
 
@@ -77,8 +78,10 @@ def write_html(path: Path, report: dict[str, Any]) -> None:
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ddd;padding:4px 6px}}
 .big{{font-size:1.4em}}</style></head><body>
 <h1>Parley — utterance-to-utterance latency</h1>
-<p class="big">u2u p50 <b>{ms(s["u2u_p50_s"])}</b> · p95 <b>{ms(s["u2u_p95_s"])}</b> ·
-ASR WER <b>{wer}</b> · {s["answered"]}/{s["turns"]} turns answered</p>
+<p class="big">u2u p50 <b>{ms(s["u2u_p50_s"])}</b> · p95 <b>{ms(s["u2u_p95_s"])}</b>
+(audio + first frame: p50 {ms(s.get("u2u_audio_video_p50_s"))}, p95
+{ms(s.get("u2u_audio_video_p95_s"))}) · ASR WER <b>{wer}</b> ·
+{s["answered"]}/{s["turns"]} turns answered · {s.get("false_cut_ins", 0)} false cut-ins</p>
 <p>Measured from the true end of the user's speech (by energy, independent of the VAD)
 to the first avatar audio frame leaving the engine. Memory: {report["memory_mb"]}.</p>
 {waterfall_svg(report["turns"])}

@@ -436,6 +436,13 @@ class AvatarStream:
         with self._lock:
             self._timeline.clear(self.now_s() if at_s is None else at_s)
 
+    def advance_to(self, t_s: float) -> None:
+        """The stream's clock has reached ``t_s`` without rendering every frame (a
+        conversation that renders only the first frame of each reply): speech placed
+        from here on counts as queued relative to it."""
+        with self._lock:
+            self.video_s = max(self.video_s, t_s)
+
     def now_s(self) -> float:
         """Current time on the stream's timeline: wall-clock time since the start of
         ``frames()``, or the newest rendered pts when not paced."""

@@ -3,6 +3,7 @@
     mic audio ─► ASR (partials; final decoded as soon as speech stops)
               └► turn detector (VAD + transcript completeness) ─► end of turn
                    └► LLM tokens ─► clause chunker ─► TTS ─► paced audio out
+                                                            └► avatar (first frame of each reply)
 
 Plain async Python (no gRPC, no Ray): the servicer, the demo and the benchmark
 all drive this class. Barge-in: user speech while a reply is pending or playing
@@ -15,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +29,7 @@ from parley.visemes import Phoneme
 
 from services.asr.engine import Activity, AsrEngine, Transcript
 from services.llm.engine import ChatMessage, GenerationStats, LlmEngine
+from services.render.engine import AvatarStream, RenderEngine
 from services.sessions.trace import TurnTrace
 from services.tts.engine import Speech, TtsEngine
 from services.turn.config import TurnConfig
@@ -85,12 +89,20 @@ class Engines:
     llm: LlmEngine
     tts: TtsEngine
     turn: TurnConfig = field(default_factory=TurnConfig)
+    #: The avatar renderer; without one, conversations are voice only.
+    render: RenderEngine | None = None
 
     async def start(self) -> None:
-        await asyncio.gather(self.asr.start(), self.llm.start(), self.tts.start())
+        starts = [self.asr.start(), self.llm.start(), self.tts.start()]
+        if self.render is not None:
+            starts.append(self.render.start())
+        await asyncio.gather(*starts)
 
     async def close(self) -> None:
-        await asyncio.gather(self.asr.close(), self.llm.close(), self.tts.close())
+        closes = [self.asr.close(), self.llm.close(), self.tts.close()]
+        if self.render is not None:
+            closes.append(self.render.close())
+        await asyncio.gather(*closes)
 
 
 class Conversation:
@@ -122,6 +134,13 @@ class Conversation:
         self._reply_speaking = False
         self._closed = False
         self._prefill: asyncio.Task[int] | None = None
+        # The avatar's video timeline is session time (it idles between replies), unlike
+        # the audio output stream, which only holds what was said.
+        self._started = clock.now()
+        self.avatar: AvatarStream | None = engines.render.stream() if engines.render else None
+        self._render_executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="render") if self.avatar else None
+        )
 
     def prepare(self) -> asyncio.Task[int]:
         """Start reading the persona into the LLM's prefix cache, in the background.
@@ -193,6 +212,8 @@ class Conversation:
         if self._reply_speaking:
             metrics.INTERRUPTIONS.inc()
             metrics.INTERRUPTION_LATENCY.observe(stop)
+        if self.avatar is not None:
+            self.avatar.clear(clock.now() - self._started)
         if trace is not None:
             trace.interrupted = True
             trace.interruption_stop_s = stop
@@ -253,9 +274,21 @@ class Conversation:
 
         clock_start: float | None = None
         sent = 0.0  # seconds of this reply's audio sent
+        avatar_offset: int | None = None  # avatar timeline sample - output stream sample
+        first_frame: asyncio.Future[None] | None = None
         async for speech in self.engines.tts.stream(tokens()):
             if not trace.tts_first_audio:
                 trace.tts_first_audio = clock.now()
+            if self.avatar is not None and len(speech.samples):
+                if avatar_offset is None:
+                    session_s = clock.now() - self._started
+                    self.avatar.advance_to(session_s)
+                    now = int(session_s * speech.sample_rate)
+                    avatar_offset = max(now, self.avatar.next_sample) - self.output_position
+                    first_frame = self._render_first_frame(
+                        trace, (self.output_position + avatar_offset) / speech.sample_rate
+                    )
+                self._place_on_avatar(speech, self.output_position + avatar_offset)
             trace.llm_prompt_tokens, trace.llm_cached_tokens = (
                 stats.prompt_tokens,
                 stats.cached_tokens,
@@ -276,6 +309,28 @@ class Conversation:
         # Let the last audio play out before the reply counts as done.
         if clock_start is not None:
             await asyncio.sleep(max(0.0, clock_start + sent - clock.now()))
+        if first_frame is not None:
+            await first_frame
+
+    def _place_on_avatar(self, speech: Speech, start: int) -> None:
+        assert self.avatar is not None
+        phonemes = [
+            Phoneme(p.phoneme, p.viseme, start + p.start_sample, p.num_samples)
+            for p in speech.phonemes
+        ]
+        self.avatar.add_speech(speech.samples, speech.sample_rate, start, phonemes)
+
+    def _render_first_frame(self, trace: TurnTrace, at_s: float) -> asyncio.Future[None]:
+        """Render the frame shown with the reply's first audio; its time is a milestone."""
+        assert self.avatar is not None
+        avatar = self.avatar
+        index = math.ceil(at_s * avatar.fps)
+
+        def render() -> None:
+            avatar.render_frame(index)
+            trace.first_frame = clock.now()
+
+        return asyncio.get_running_loop().run_in_executor(self._render_executor, render)
 
     def _emit(self, event: ConversationEvent) -> None:
         try:
@@ -310,6 +365,8 @@ class Conversation:
         self.position = 0
         self._finals, self._carry_text = [], ""
         self._trace = TurnTrace(turn=self._trace.turn)
+        if self.avatar is not None:
+            self.avatar.clear(clock.now() - self._started)
         while not self.events.empty():
             self.events.get_nowait()
 
@@ -321,6 +378,10 @@ class Conversation:
             self._reply.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reply
+        if self.avatar is not None:
+            self.avatar.close()
+        if self._render_executor is not None:
+            self._render_executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _log_prefill_failure(task: asyncio.Task[int]) -> None:

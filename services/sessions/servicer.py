@@ -62,6 +62,7 @@ def event_to_proto(ev: ConversationEvent) -> sessions_pb2.ServerEvent:
             llm_first_token_s=lat["llm_first_token"] or 0.0,
             tts_first_audio_s=lat["tts_first_audio"] or 0.0,
             first_output_s=lat["first_output"] or 0.0,
+            first_frame_s=lat["first_frame"] or 0.0,
         )
     )
 

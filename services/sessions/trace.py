@@ -12,6 +12,7 @@ MILESTONES = (
     "llm_first_token",
     "tts_first_audio",
     "first_output",
+    "first_frame",
 )
 
 
@@ -26,6 +27,8 @@ class TurnTrace:
     llm_first_token: float = 0.0
     tts_first_audio: float = 0.0
     first_output: float = 0.0
+    #: the avatar's video frame shown with the first audio is rendered (with a renderer)
+    first_frame: float = 0.0
     user_text: str = ""
     reply_text: str = ""
     interrupted: bool = False
