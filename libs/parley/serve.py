@@ -1,0 +1,235 @@
+"""Ray Serve glue shared by the service deployments (`services/*/deployment.py`).
+
+Serve's gRPC ingress calls a deployment method named like the rpc
+(`Tts/Synthesize` → `TtsDeployment.Synthesize`) with the request, or with a
+`gRPCInputStream` for client/bidirectional streams, and `grpc_context=` a
+`RayServegRPCContext`; the application is picked by the `application` metadata
+key. Our servicers expect a `grpc.aio.ServicerContext`, so `ServeContext`
+adapts Serve's: `abort` sets the status code and details on Serve's context
+and raises, which is how Serve sends a status other than INTERNAL (the replica
+wraps the exception with the code it finds set on the context).
+
+`load_config` / `deploy` run the one Serve config file
+(`deploy/serve/parley.yaml`, the same schema as KubeRay's `serveConfigV2`) the
+way `serve run CONFIG` does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+import yaml
+from pydantic import BaseModel
+
+from parley.errors import InvalidInput
+
+#: The Serve config shipped with Parley (`parley serve` and the Helm chart read the same file).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve" / "parley.yaml"
+
+
+class Aborted(Exception):
+    """Raised by `ServeContext.abort`: the call ends with `code` and `details`.
+
+    Picklable (it crosses Ray's process boundary when a handle call fails).
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.details}"
+
+
+class ServeContext:
+    """The part of `grpc.aio.ServicerContext` our servicers use, over Serve's gRPC context.
+
+    `grpc_context` is None when a deployment is called through a Serve handle
+    rather than the gRPC ingress; `abort` then raises `Aborted` for the caller.
+    """
+
+    def __init__(self, grpc_context: Any | None = None, requests: Any | None = None) -> None:
+        self._ctx = grpc_context
+        self._requests = requests
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> NoReturn:
+        if self._ctx is not None:
+            self._ctx.set_code(code)
+            self._ctx.set_details(details)
+            if trailing_metadata:
+                self._ctx.set_trailing_metadata(list(trailing_metadata))
+        raise Aborted(code, details)
+
+    def cancelled(self) -> bool:
+        """True once the client went away (Serve ends the request stream early then)."""
+        is_cancelled = getattr(self._requests, "is_cancelled", None)
+        return bool(is_cancelled()) if is_cancelled is not None else False
+
+    def done(self) -> bool:
+        return self.cancelled()
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        if self._ctx is not None:
+            self._ctx.set_code(code)
+
+    def set_details(self, details: str) -> None:
+        if self._ctx is not None:
+            self._ctx.set_details(details)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._ctx.code() if self._ctx is not None else None
+
+    def details(self) -> str | None:
+        return self._ctx.details() if self._ctx is not None else None
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return list(self._ctx.invocation_metadata()) if self._ctx is not None else []
+
+    def peer(self) -> str:
+        return self._ctx.peer() if self._ctx is not None else ""
+
+
+def deployment_args(args: Mapping[str, Any] | None, model: type[BaseModel]) -> BaseModel:
+    """Validate an application's `args.config` (from the Serve config) as the service's config."""
+    config = dict((args or {}).get("config") or {})
+    try:
+        return model.model_validate(config)
+    except Exception as exc:
+        raise InvalidInput(f"invalid {model.__name__} in the Serve config: {exc}") from exc
+
+
+# --- running the config file -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ServeAddresses:
+    grpc: str
+    http: str
+    applications: list[str]
+
+
+def load_config(
+    path: str | Path = DEFAULT_CONFIG,
+    *,
+    grpc_port: int | None = None,
+    http_port: int | None = None,
+    http_host: str | None = None,
+    applications: Iterable[str] | None = None,
+) -> Any:
+    """Read and validate a Serve config file (`ServeDeploySchema`), with local overrides.
+
+    `applications` keeps only the named ones (the gRPC servicer list stays whole:
+    the proxy needs it to decode a request before it knows the application).
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"cannot read Serve config {p}: {exc}") from exc
+    if grpc_port is not None:
+        data.setdefault("grpc_options", {})["port"] = grpc_port
+    if http_port is not None:
+        data.setdefault("http_options", {})["port"] = http_port
+    if http_host is not None:
+        data.setdefault("http_options", {})["host"] = http_host
+    if applications is not None:
+        wanted = set(applications)
+        unknown = wanted - {a.get("name") for a in data.get("applications", [])}
+        if unknown:
+            raise InvalidInput(f"no application named {sorted(unknown)} in {p}")
+        data["applications"] = [a for a in data["applications"] if a.get("name") in wanted]
+    try:
+        return ServeDeploySchema.model_validate(data)
+    except Exception as exc:
+        raise InvalidInput(f"Serve config {p} is invalid:\n{exc}") from exc
+
+
+def deploy(config: Any, *, timeout_s: float = 300.0) -> ServeAddresses:
+    """Start Serve (proxies, controller) on the connected Ray cluster and deploy `config`.
+
+    Blocks until every application is RUNNING; raises with Serve's message if one fails.
+    This is what `serve run CONFIG` does (Serve's CLI uses the same private client).
+    """
+    from ray.serve import status
+    from ray.serve._private import api as _private_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ApplicationStatus
+
+    client = _private_api.serve_start(
+        http_options=config.http_options.model_dump(),
+        proxy_location=config.proxy_location,
+        grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
+    )
+    client.deploy_apps(config, _blocking=False)
+    names = [a.name for a in config.applications]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = status().applications
+        states = {n: apps[n].status if n in apps else None for n in names}
+        failed = {
+            n: apps[n].message
+            for n, s in states.items()
+            if s in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
+        }
+        if failed:
+            raise RuntimeError(f"Serve applications failed to deploy: {failed}")
+        if all(s == ApplicationStatus.RUNNING for s in states.values()):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve applications not running after {timeout_s:.0f} s: {states}")
+        time.sleep(0.2)
+    grpc_opts = config.grpc_options
+    http_opts = config.http_options
+    addresses = ServeAddresses(
+        grpc=f"127.0.0.1:{grpc_opts.port}",
+        http=f"http://{http_opts.host}:{http_opts.port}",
+        applications=names,
+    )
+    wait_for_grpc_proxy(addresses.grpc, names, timeout_s=max(5.0, deadline - time.monotonic()))
+    return addresses
+
+
+def wait_for_grpc_proxy(address: str, names: Iterable[str], timeout_s: float = 30.0) -> None:
+    """Wait until Serve's gRPC proxy routes to every application in `names`.
+
+    An application is RUNNING before the proxy has its route (it learns routes
+    by long polling the controller); calls in between get NOT_FOUND.
+    """
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    wanted = set(names)
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = serve_pb2_grpc.RayServeAPIServiceStub(channel)
+        while True:
+            try:
+                request = serve_pb2.ListApplicationsRequest()  # type: ignore[attr-defined]
+                listed = stub.ListApplications(request, timeout=2)
+                if wanted <= set(listed.application_names):
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Serve's gRPC proxy at {address} does not route {wanted}")
+            time.sleep(0.1)
+
+
+def init_local_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
+    """A small local Ray cluster for `parley serve` and tests (no dashboard)."""
+    import ray
+
+    kwargs.setdefault("include_dashboard", False)
+    kwargs.setdefault("logging_level", "WARNING")
+    kwargs.setdefault("log_to_driver", os.environ.get("PARLEY_RAY_LOGS", "") == "1")
+    ray.init(num_cpus=num_cpus or os.cpu_count() or 2, namespace="serve", **kwargs)

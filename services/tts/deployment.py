@@ -1,0 +1,43 @@
+"""Ray Serve deployment of `parley.v1.Tts`: a thin shell over `TtsServicer`.
+
+Serve's gRPC ingress calls `Synthesize` (named like the rpc) with a
+`gRPCInputStream` of `TtsRequest`s when the call carries the metadata
+`application: tts`; the servicer does the work, `ServeContext` carries its
+status codes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from parley.serve import ServeContext, deployment_args
+from parley.v1 import tts_pb2
+from ray import serve
+from ray.serve import Application
+
+from services.tts.config import TtsConfig
+from services.tts.engine import TtsEngine
+from services.tts.servicer import TtsServicer
+
+
+@serve.deployment(name="tts", max_ongoing_requests=32)
+class TtsDeployment:
+    async def __init__(self, config: TtsConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
+        self.engine = TtsEngine(config)
+        await self.engine.start()
+        self.servicer = TtsServicer(self.engine)
+
+    async def Synthesize(
+        self, request_stream: AsyncIterator[tts_pb2.TtsRequest], grpc_context: Any = None
+    ) -> AsyncIterator[tts_pb2.TtsEvent]:
+        context = ServeContext(grpc_context, request_stream)
+        async for event in self.servicer.Synthesize(request_stream, context):
+            yield event
+
+
+def build(args: dict[str, Any]) -> Application:
+    """App builder for the Serve config: `args.config` holds `TtsConfig` fields."""
+    config = deployment_args(args, TtsConfig)
+    assert isinstance(config, TtsConfig)
+    return TtsDeployment.bind(config)  # type: ignore[attr-defined]
