@@ -1,0 +1,481 @@
+"""Parley's end-of-turn detector: Silero VAD, Smart Turn v3.2 on the audio, SmolLM2 on the words.
+
+Frame-driven and plain Python (no asyncio, no gRPC), like the `Detector` protocol of
+`loadtest/turn_cases.py`: push 16 kHz frames, get decisions; call
+`update_transcript()` whenever the ASR has a new partial or final transcript.
+
+How a turn ends
+---------------
+
+1. The VAD reports the speech stop after a short hangover (`vad_stop_ms`, 96 ms:
+   three Silero windows).
+2. At that stop Smart Turn v3.2 hears the turn's audio once (45-100 ms on the
+   shared 2-core box). If it is very sure the turn is complete (P >= `fast_audio_p`)
+   the turn ends right there: the transcript of the last words is not out of the
+   ASR yet (its decode starts at the ASR's own VAD stop and takes another
+   ~75-170 ms), and waiting for it costs ~70 ms more.
+3. Otherwise the detector waits for a *fresh* transcript (one whose audio reaches
+   the stop), scores it with the semantic model (`services/turn/semantic.py`) and
+   combines both: z = bias + w_audio * logit(P_audio) + w_text * logit(P_text).
+   The silence the turn needs (counted from where the silence began) then adapts
+   to P = sigmoid(z): `min_silence_s` (0: decide as soon as the words are scored)
+   from `complete_p` up, `max_silence_s` (1.8 s: "I'd like to book... um...") at
+   `incomplete_p` and below, log-linear in between.
+
+The defaults are tuned on the train split of the turn case set
+(`python -m loadtest.turn_eval --tune`; held-out figures in that module's report).
+4. Whatever the models say, `silence_cap_s` of silence ends a turn (it never hangs),
+   and a turn that goes on for `max_turn_s` is cut (a monologue); the talker's next
+   words start a new turn at once.
+
+A fresh transcript that is empty (Whisper heard noise, a cough) ends the "turn"
+without a decision: there is nothing to answer. Backchannels ("mm-hm", "yeah",
+"uh huh", "okay" alone) are complete turns while the avatar is silent, but while
+it talks (`set_avatar_speaking(True)`) they are reported as BACKCHANNEL events and
+never end a turn.
+
+Model compute is accounted in stream time: with `account_compute` (offline
+replays, faster than real time) a signal computed at stream time t is available
+at t + its measured compute time, and decisions land no earlier. Live, the
+clock advances while the model runs, so the default is off.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+import numpy as np
+from parley.errors import InvalidInput
+from parley.vad import SAMPLE_RATE, SileroVadModel, VadOptions, VadStream
+
+_BACKCHANNEL = re.compile(
+    r"^(?:(?:mm+[ -]?h*m+|m+h+m+|hm+|uh[ -]?huh|uh[ -]?hum|um[ -]?hum|yeah|yep|yes|yup|ok(?:ay)?"
+    r"|right|sure|i see|got it|cool|alright|all right|ah|oh|aha|uh[ -]?hu|m+)[ ,.!]*)+$"
+)
+
+
+def is_backchannel(text: str) -> bool:
+    """ "Mm hmm.", "Yeah.", "Uh-huh.", "Okay." alone (or a few of them): listener feedback."""
+    norm = " ".join(text.lower().replace("-", " ").split())
+    return bool(norm) and len(norm) <= 24 and bool(_BACKCHANNEL.match(norm))
+
+
+class EventKind(Enum):
+    SPEECH_START = 1
+    SPEECH_END = 2
+    END_OF_TURN = 3
+    BACKCHANNEL = 4  # short listener feedback while the avatar talks: no turn, no barge-in
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorEvent:
+    kind: EventKind
+    at_s: float  # stream time of the event (decisions: when the decision is made)
+    probability: float = 0.0  # end-of-turn probability behind a decision
+    reason: str = ""  # why a turn ended (see ParleyTurnDetector._decide)
+    text: str = ""  # the transcript the decision saw
+
+
+class AudioTurnModel(Protocol):
+    def probability(self, audio: np.ndarray) -> float: ...
+
+
+class TextTurnModel(Protocol):
+    def score(self, text: str) -> Any:  # SemanticScore: .probability, .ms
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ParleyTurnConfig:
+    #: Silence before the VAD reports a stop (Silero windows are 32 ms).
+    vad_stop_ms: int = 96
+    #: Smart Turn alone ends the turn at the VAD stop when this sure (None: never).
+    fast_audio_p: float | None = 0.98
+    #: Combined P at and above which no further silence is needed.
+    complete_p: float = 0.8
+    #: Combined P at and below which `max_silence_s` is needed.
+    incomplete_p: float = 0.6
+    #: Silence (from the speech stop) needed at `complete_p`.
+    min_silence_s: float = 0.0
+    #: Silence needed at `incomplete_p` ("I'd like to book a flight to ...").
+    max_silence_s: float = 1.8
+    #: Without a fresh transcript this long after the stop, decide on the audio alone.
+    transcript_wait_s: float = 0.8
+    #: Hard cap: this much silence always ends a turn.
+    silence_cap_s: float = 3.0
+    #: A turn longer than this is ended while the user still talks (and a new one starts).
+    max_turn_s: float = 30.0
+    #: Logistic combination of the two models' log-odds.
+    bias: float = -0.259
+    w_audio: float = 0.303
+    w_text: float = 0.705
+    #: Backchannel-only transcripts count as complete turns with this P (avatar silent).
+    backchannel_p: float = 0.9
+    #: Audio before the turn's first speech that Smart Turn hears (pipecat: 0.5 s).
+    pre_speech_s: float = 0.5
+    #: A fresh transcript that is empty, or none with no words heard in the whole turn
+    #: by `transcript_wait_s`, means noise: the turn is dropped without a decision.
+    drop_empty: bool = True
+    #: Offline replay: signals are available only after their measured compute time.
+    account_compute: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.incomplete_p < self.complete_p <= 1.0:
+            raise InvalidInput("need 0 <= incomplete_p < complete_p <= 1")
+        if not 0.0 <= self.min_silence_s <= self.max_silence_s <= self.silence_cap_s:
+            raise InvalidInput("need 0 <= min_silence_s <= max_silence_s <= silence_cap_s")
+        if self.vad_stop_ms < 32 or self.max_turn_s <= 1.0:
+            raise InvalidInput("vad_stop_ms must be >= 32 and max_turn_s > 1 s")
+
+    def required_silence(self, p: float) -> float:
+        """Silence (s, from the speech stop) a turn with end-of-turn probability p needs."""
+        lo, hi = self.incomplete_p, self.complete_p
+        if p >= hi:
+            return self.min_silence_s
+        if p <= lo:
+            return self.max_silence_s
+        # log-linear: every step up in confidence shortens the wait by the same factor
+        frac = (p - lo) / (hi - lo)
+        short = max(self.min_silence_s, 0.05)
+        return float(short**frac * self.max_silence_s ** (1.0 - frac)) if frac < 1 else short
+
+
+def logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1.0 - 1e-4)
+    return math.log(p / (1.0 - p))
+
+
+def sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-40.0, min(40.0, z))))
+
+
+@dataclass(slots=True)
+class _Signal:
+    value: float
+    ready_s: float  # stream time the value is available
+    text: str = ""
+
+
+@dataclass(slots=True)
+class StopRecord:
+    """What the detector knew at one speech stop (for traces and offline analysis)."""
+
+    silence_since: float  # where the silence began
+    stop_at: float  # when the VAD reported it
+    turn_start_s: float
+    p_audio: float | None = None
+    audio_ready_s: float | None = None
+    text: str | None = None  # the fresh transcript, once it came
+    p_text: float | None = None
+    text_ready_s: float | None = None
+    text_score: Any = None  # the semantic model's full score (features)
+
+
+@dataclass(slots=True)
+class _Turn:
+    start_s: float  # first speech of the turn
+    silence_since: float | None = None  # start of the current silence
+    stop_at: float | None = None  # stream time of the VAD stop event
+    audio: _Signal | None = None  # Smart Turn at this stop
+    text: _Signal | None = None  # semantic score of a transcript fresh for this stop
+    empty: bool = False  # the fresh transcript was empty
+    heard: bool = False  # some non-empty transcript came during this turn
+    record: StopRecord | None = None
+
+
+@dataclass(slots=True)
+class _Transcript:
+    text: str = ""
+    audio_end_s: float | None = None
+    at_s: float = 0.0
+    score: _Signal | None = None
+    raw: Any = None
+
+
+class ParleyTurnDetector:
+    """Per-stream end-of-turn state. Not thread-safe: one stream, one caller."""
+
+    def __init__(
+        self,
+        vad_model: SileroVadModel,
+        *,
+        smart_turn: AudioTurnModel | None = None,
+        semantic: TextTurnModel | None = None,
+        config: ParleyTurnConfig | None = None,
+        timer: Callable[[], float] = time.perf_counter,
+        keep_stops: int = 64,
+    ) -> None:
+        self.config = cfg = config or ParleyTurnConfig()
+        self.vad: VadStream = VadStream(vad_model, VadOptions(min_silence_ms=cfg.vad_stop_ms))
+        self.smart_turn = smart_turn
+        self.semantic = semantic
+        self._timer = timer
+        self.position = 0  # samples received
+        self._previous_s = 0.0  # stream time before the latest frame
+        self._buffer: list[np.ndarray] = []
+        self._buffer_start = 0  # stream sample of _buffer[0]
+        self._buffered = 0
+        self._turn: _Turn | None = None
+        self._transcript = _Transcript()
+        self.avatar_speaking = False
+        # bounded histories, for traces and offline analysis
+        self.model_ms: deque[float] = deque(maxlen=8 * keep_stops)  # per model call
+        self.events: deque[DetectorEvent] = deque(maxlen=8 * keep_stops)  # all emitted
+        self.probability = 0.0  # latest end-of-turn probability (0 while the user speaks)
+        self.stops: deque[StopRecord] = deque(maxlen=keep_stops)
+
+    # -- inputs ---------------------------------------------------------------------------
+    @property
+    def now_s(self) -> float:
+        return self.position / SAMPLE_RATE
+
+    def set_avatar_speaking(self, speaking: bool) -> None:
+        self.avatar_speaking = bool(speaking)
+
+    def update_transcript(
+        self, text: str, *, audio_end_s: float | None = None, at_s: float | None = None
+    ) -> None:
+        """The ASR's latest transcript of the current turn (finals so far + the partial).
+
+        `audio_end_s`: stream time up to which the ASR had heard when it decoded this
+        text; a transcript is fresh for a speech stop if it reaches the stop's
+        silence. Without it, a transcript counts as fresh when it arrives after the
+        stop. `at_s`: stream time it arrived (default: now).
+        """
+        if not isinstance(text, str):
+            raise InvalidInput("transcript must be a string")
+        at = self.now_s if at_s is None else float(at_s)
+        tr = _Transcript(text.strip(), audio_end_s, at)
+        self._transcript = tr
+        turn = self._turn
+        if turn is None and not tr.text:
+            return
+        if self.semantic is not None and tr.text:
+            # Scored as it arrives (partials too): keeps the model's KV cache on the
+            # growing text, so the score at the stop only reads the newest words.
+            started = self._timer()
+            score = self.semantic.score(tr.text)
+            ms = float(getattr(score, "ms", (self._timer() - started) * 1000))
+            self.model_ms.append(ms)
+            tr.score = _Signal(float(score.probability), self._ready(at, ms), tr.text)
+            tr.raw = score
+        if turn is None:
+            return
+        turn.heard = turn.heard or bool(tr.text)
+        if turn.stop_at is not None and turn.text is None and self._fresh(tr, turn):
+            self._take_text(turn, tr)
+
+    def _take_text(self, turn: _Turn, tr: _Transcript) -> None:
+        turn.empty = not tr.text
+        turn.text = tr.score if tr.text else None
+        if turn.record is not None and turn.text is not None:
+            turn.record.text, turn.record.p_text = tr.text, turn.text.value
+            turn.record.text_ready_s, turn.record.text_score = turn.text.ready_s, tr.raw
+
+    def _fresh(self, tr: _Transcript, turn: _Turn) -> bool:
+        assert turn.silence_since is not None and turn.stop_at is not None
+        if tr.audio_end_s is not None:
+            return tr.audio_end_s >= turn.silence_since - 1e-6
+        return tr.at_s >= turn.stop_at - 1e-6
+
+    def _ready(self, at_s: float, ms: float) -> float:
+        return at_s + (ms / 1000.0 if self.config.account_compute else 0.0)
+
+    # -- frames ---------------------------------------------------------------------------
+    def push(self, frame: np.ndarray) -> list[float]:
+        """Detector protocol: feed a frame, get the stream times of end-of-turn decisions."""
+        return [e.at_s for e in self.push_events(frame) if e.kind is EventKind.END_OF_TURN]
+
+    def push_events(self, frame: np.ndarray) -> list[DetectorEvent]:
+        samples = np.asarray(frame)
+        if samples.ndim != 1 or samples.dtype != np.float32:
+            raise InvalidInput("audio frames must be 1-D float32 arrays (16 kHz mono)")
+        if not np.isfinite(samples).all():
+            raise InvalidInput("audio frame contains NaN or infinite samples")
+        out: list[DetectorEvent] = []
+        self._keep(samples)
+        self._previous_s = self.now_s
+        self.position += len(samples)
+        now = self.now_s
+        for ev in self.vad.push(samples):
+            if ev.speaking:
+                out.append(DetectorEvent(EventKind.SPEECH_START, ev.at_s))
+                if self._turn is None:
+                    self._turn = _Turn(start_s=ev.at_s)
+                else:
+                    self._turn.silence_since = self._turn.stop_at = None
+                    self._turn.audio = self._turn.text = None
+                    self._turn.empty = False
+                self.probability = 0.0
+            elif self._turn is not None:
+                out.append(DetectorEvent(EventKind.SPEECH_END, ev.at_s))
+                self._on_stop(self._turn, ev.at_s, now)
+        turn = self._turn
+        if turn is not None:
+            decision = self._decide(turn, now)
+            if decision is not None:
+                out.append(decision)
+        self.events.extend(out)
+        return out
+
+    def _keep(self, samples: np.ndarray) -> None:
+        """Bounded audio history: Smart Turn hears at most the last 8 s."""
+        self._buffer.append(samples)
+        self._buffered += len(samples)
+        limit = 12 * SAMPLE_RATE
+        if self._buffered > limit:
+            keep = np.concatenate(self._buffer)[-10 * SAMPLE_RATE :]
+            self._buffer_start += self._buffered - len(keep)
+            self._buffer, self._buffered = [keep], len(keep)
+
+    def _audio_since(self, t_s: float) -> np.ndarray:
+        audio = np.concatenate(self._buffer) if self._buffer else np.zeros(0, np.float32)
+        self._buffer = [audio]
+        first = max(0, round(t_s * SAMPLE_RATE) - self._buffer_start)
+        return audio[first:]
+
+    def _on_stop(self, turn: _Turn, silence_since: float, now: float) -> None:
+        turn.silence_since, turn.stop_at = silence_since, now
+        turn.audio = turn.text = None
+        turn.empty = False
+        turn.record = StopRecord(silence_since, now, turn.start_s)
+        self.stops.append(turn.record)
+        if self.smart_turn is not None:
+            started = self._timer()
+            p = float(
+                self.smart_turn.probability(
+                    self._audio_since(turn.start_s - self.config.pre_speech_s)
+                )
+            )
+            ms = float(
+                getattr(self.smart_turn, "last_ms", None) or (self._timer() - started) * 1000
+            )
+            self.model_ms.append(ms)
+            turn.audio = _Signal(p, self._ready(now, ms))
+            turn.record.p_audio, turn.record.audio_ready_s = p, turn.audio.ready_s
+        tr = self._transcript
+        if tr.text and tr.score is not None and self._fresh(tr, turn):
+            self._take_text(turn, tr)  # the transcript already covers this stop
+
+    # -- the decision ---------------------------------------------------------------------
+    def _combined(self, turn: _Turn) -> tuple[float, float] | None:
+        """(P(end of turn), stream time it is known) from what is available, or None."""
+        cfg = self.config
+        text = turn.text
+        if text is not None and is_backchannel(text.text):
+            return max(cfg.backchannel_p, text.value), text.ready_s
+        z, ready = cfg.bias, 0.0
+        if turn.audio is not None:
+            z += cfg.w_audio * logit(turn.audio.value)
+            ready = turn.audio.ready_s
+        if text is not None:
+            z += cfg.w_text * logit(text.value)
+            ready = max(ready, text.ready_s)
+        elif self.semantic is not None:
+            return None  # the words are what we wait for
+        elif turn.audio is None:
+            return None
+        return sigmoid(z), ready
+
+    def _decide(self, turn: _Turn, now: float) -> DetectorEvent | None:
+        cfg = self.config
+        if now - turn.start_s >= cfg.max_turn_s:
+            return self._end(turn, now, self.probability, "max_turn", restart=self.vad.speaking)
+        if turn.silence_since is None or turn.stop_at is None:
+            return None
+        silent = now - turn.silence_since
+        if silent >= cfg.silence_cap_s:
+            return self._end(turn, now, self.probability, "silence_cap")
+        audio = turn.audio
+        # 2. fast path: the audio model alone, before the transcript exists
+        if (
+            audio is not None
+            and cfg.fast_audio_p is not None
+            and not self.avatar_speaking  # then the words must say it is no backchannel
+            and turn.text is None
+            and audio.value >= cfg.fast_audio_p
+            and now >= audio.ready_s
+            and silent + 1e-9 >= cfg.min_silence_s
+        ):
+            at = max(audio.ready_s, self._silence_met(turn, cfg.min_silence_s, now))
+            return self._end(turn, at, audio.value, "fast_audio")
+        # a fresh transcript: the words decide (or say "nothing was said")
+        if turn.empty and cfg.drop_empty and now >= turn.stop_at:
+            self._reset()
+            return None
+        text = turn.text
+        if text is not None and now >= text.ready_s and is_backchannel(text.text):
+            if self.avatar_speaking:
+                self._reset()
+                return DetectorEvent(EventKind.BACKCHANNEL, text.ready_s, 0.0, "", text.text)
+        combined = self._combined(turn)
+        if (
+            combined is None
+            and self.semantic is not None
+            and now - turn.stop_at >= cfg.transcript_wait_s
+        ):
+            if not turn.heard and cfg.drop_empty:
+                self._reset()  # the ASR heard no words in this "turn": noise, a cough
+                return None
+            # The ASR is late (or behind on a long utterance): the audio alone decides.
+            if audio is not None and now >= audio.ready_s:
+                combined = (audio.value, audio.ready_s)
+            else:
+                combined = (0.5, now)
+        if combined is None:
+            return None
+        p, ready = combined
+        if now < ready:
+            return None
+        self.probability = p
+        need = cfg.required_silence(p)
+        if silent + 1e-9 < need:
+            return None
+        reason = "confident" if p >= cfg.complete_p else "silence"
+        at = max(ready, self._silence_met(turn, need, now))
+        return self._end(turn, at, p, reason, text=text.text if text else "")
+
+    def _silence_met(self, turn: _Turn, need: float, now: float) -> float:
+        """When `need` s of silence were reached: on the frame grid, like the fixed-silence
+        baselines (the models finish when they finish, between frames too)."""
+        assert turn.silence_since is not None and turn.stop_at is not None
+        t = max(turn.stop_at, turn.silence_since + need)
+        return now if t > self._previous_s else t
+
+    def _end(
+        self,
+        turn: _Turn,
+        at: float,
+        p: float,
+        reason: str,
+        *,
+        text: str = "",
+        restart: bool = False,
+    ) -> DetectorEvent:
+        self._reset()
+        if restart:  # the monologue goes on: its next part is a new turn from now
+            self._turn = _Turn(start_s=self.now_s)
+        return DetectorEvent(EventKind.END_OF_TURN, at, p, reason, text)
+
+    def _reset(self) -> None:
+        self._turn = None
+        self._transcript = _Transcript()
+        self.probability = 0.0
+
+
+__all__ = [
+    "DetectorEvent",
+    "EventKind",
+    "ParleyTurnConfig",
+    "ParleyTurnDetector",
+    "is_backchannel",
+    "logit",
+    "sigmoid",
+]
