@@ -42,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     rnd.add_argument("--threads", type=int, default=1, help="torch threads (one per stream)")
     rnd.add_argument("--json", type=Path, required=True)
 
+    trn = bench_sub.add_parser(
+        "turns", help="end-of-turn detectors vs fixed silence and Smart Turn on a case set"
+    )
+    trn.add_argument("--cases", type=Path, default=None,
+                     help="WAVs + manifest.jsonl with turn_ends; default: the built-in set")  # fmt: skip
+    trn.add_argument("--json", type=Path, required=True)
+    trn.add_argument("--live", choices=("none", "test", "all"), default="test",
+                     help="also replay these files in real time through the real ASR")  # fmt: skip
+    trn.add_argument("--tune", action="store_true", help="refit thresholds on the train split")
+
     srv = sub.add_parser("serve", help="run every service on a local Ray Serve cluster (CPU)")
     srv.add_argument(
         "--config", type=Path, default=None, help="Serve config (deploy/serve/parley.yaml)"
@@ -77,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
             from loadtest.render_bench import run_render_bench
 
             run_render_bench(args.size, args.gaussians, args.seconds, args.threads, args.json)
+        elif args.command == "bench" and args.bench == "turns":
+            from loadtest import turn_eval
+
+            argv_turns = ["--json", str(args.json), "--live", args.live]
+            if args.cases is not None:
+                argv_turns += ["--cases", str(args.cases)]
+            if args.tune:
+                argv_turns.append("--tune")
+            return turn_eval.main(argv_turns)
         elif args.command == "serve":
             serve(args.config, args.grpc_port, args.http_port, args.apps)
         elif args.command == "corpus" and args.corpus == "real":
