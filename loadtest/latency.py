@@ -21,7 +21,7 @@ import jiwer
 import numpy as np
 from parley import clock
 from parley.audio import ASR_SAMPLE_RATE, resample, write_wav
-from parley.visemes import Phoneme
+from parley.visemes import shift_phonemes
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -263,10 +263,7 @@ def write_video(
     stream = render.stream()
     rate = rec.avatar_rate
     for start, ev in avatar_placements(rec):
-        phonemes = [
-            Phoneme(p.phoneme, p.viseme, start + p.start_sample - ev.start_sample, p.num_samples)
-            for p in ev.phonemes
-        ]
+        phonemes = shift_phonemes(ev.phonemes, start - ev.start_sample)
         stream.add_speech(ev.samples, ev.sample_rate, start, phonemes)
     count = int(len(audio) / rate * stream.fps)
     progress = Progress(

@@ -17,10 +17,10 @@ from parley import clock
 from parley.errors import InvalidInput
 from parley.visemes import Phoneme
 from prometheus_client import REGISTRY
+from render_support import mouth_dark_pixels
 
 from services.render.assets import save_ply, save_rig
 from services.render.config import RenderConfig
-from services.render.default_avatar import default_camera
 from services.render.encoder import H264Encoder, write_mp4
 from services.render.engine import (
     CLEAR_RELEASE_S,
@@ -41,19 +41,6 @@ async def engine() -> AsyncIterator[RenderEngine]:
     await e.start()
     yield e
     await e.close()
-
-
-def mouth_dark_pixels(engine: RenderEngine, rgb: np.ndarray) -> int:
-    """Pixels of the open mouth (near black) around the rig's mouth centre."""
-    size = rgb.shape[0]
-    camera = default_camera(rgb.shape[1], size)
-    view = camera.view.double().numpy()
-    point = np.array(engine.avatar("default").rig.pivots.mouth_centre)
-    x, y, z = view[:3, :3] @ point + view[:3, 3]
-    col, row = int(camera.fx * x / z + camera.cx), int(camera.fy * y / z + camera.cy)
-    k = size / 256
-    crop = rgb[row - round(12 * k) : row + round(20 * k), col - round(20 * k) : col + round(20 * k)]
-    return int((crop.max(axis=-1) < 64).sum())
 
 
 def ms(t: float) -> int:

@@ -15,8 +15,8 @@ from parley import clock, rpc, wire
 from parley.v1 import audio_pb2, render_pb2, render_pb2_grpc
 from parley.visemes import Phoneme
 from prometheus_client import REGISTRY
+from render_support import mouth_dark_pixels
 
-from services.render.default_avatar import default_camera
 from services.render.engine import AvatarStream, Frame, RenderEngine, av_offset_s, voiced_onset_s
 from services.render.servicer import RenderServicer
 
@@ -92,18 +92,6 @@ def dropped_total() -> float:
 
 def image(frame: render_pb2.VideoFrame) -> np.ndarray:
     return np.frombuffer(frame.data, np.uint8).reshape(frame.height, frame.width, 3)
-
-
-def mouth_dark_pixels(engine: RenderEngine, rgb: np.ndarray) -> int:
-    size = rgb.shape[0]
-    camera = default_camera(rgb.shape[1], size)
-    view = camera.view.double().numpy()
-    point = np.array(engine.avatar("default").rig.pivots.mouth_centre)
-    x, y, z = view[:3, :3] @ point + view[:3, 3]
-    col, row = int(camera.fx * x / z + camera.cx), int(camera.fy * y / z + camera.cy)
-    k = size / 256
-    crop = rgb[row - round(12 * k) : row + round(20 * k), col - round(20 * k) : col + round(20 * k)]
-    return int((crop.max(axis=-1) < 64).sum())
 
 
 def check_schedule(frames: list[render_pb2.VideoFrame], fps: int, last: int) -> set[int]:

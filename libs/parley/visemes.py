@@ -7,6 +7,7 @@ including its capital-letter diphthongs (A=eɪ, I=aɪ, O=oʊ, W=aʊ, Y=ɔɪ).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 VISEMES = ("sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou")
@@ -46,3 +47,8 @@ class Phoneme:
     viseme: str
     start_sample: int
     num_samples: int
+
+
+def shift_phonemes(phonemes: Iterable[Phoneme], delta: int) -> list[Phoneme]:
+    """The same phonemes `delta` samples later (e.g. from clause to stream positions)."""
+    return [Phoneme(p.phoneme, p.viseme, p.start_sample + delta, p.num_samples) for p in phonemes]

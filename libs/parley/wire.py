@@ -7,8 +7,12 @@ from collections.abc import Iterable
 import numpy as np
 
 from parley.audio import ASR_SAMPLE_RATE, float_to_pcm16, pcm16_to_float
+from parley.errors import InvalidInput
 from parley.v1 import audio_pb2
-from parley.visemes import Phoneme
+from parley.visemes import VISEMES, Phoneme, viseme_for
+
+#: Longest phoneme symbol accepted from the wire.
+MAX_PHONEME_CHARS = 16
 
 
 def audio_to_proto(
@@ -44,3 +48,19 @@ def phonemes_to_proto(
         )
         for p in phonemes
     ]
+
+
+def phonemes_from_proto(timings: Iterable[audio_pb2.PhonemeTiming]) -> list[Phoneme]:
+    """Received phoneme timings as Phonemes (positions kept); an empty viseme is derived
+    from the phoneme symbol. InvalidInput for long symbols or unknown visemes."""
+    out = []
+    for i, t in enumerate(timings):
+        if len(t.phoneme) > MAX_PHONEME_CHARS:
+            raise InvalidInput(f"phoneme {i}: symbol longer than {MAX_PHONEME_CHARS} characters")
+        viseme = t.viseme or viseme_for(t.phoneme)
+        if viseme not in VISEMES:
+            raise InvalidInput(
+                f"phoneme {i} has unknown viseme {t.viseme!r}; expected one of {list(VISEMES)}"
+            )
+        out.append(Phoneme(t.phoneme, viseme, t.start_sample, t.num_samples))
+    return out

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import grpc
 from parley import clock, rpc, wire
 from parley.errors import InvalidInput
-from parley.v1 import audio_pb2, render_pb2, render_pb2_grpc
-from parley.visemes import VISEMES, Phoneme, viseme_for
+from parley.v1 import render_pb2, render_pb2_grpc
+from parley.visemes import shift_phonemes
 
 from services.render.default_avatar import AVATAR_ID
 from services.render.encoder import H264Encoder
@@ -36,8 +36,6 @@ ENCODINGS = ("rgb24", "h264")
 #: Frames handed to gRPC but not yet written; beyond this a slow client makes the
 #: stream skip frames (counted as dropped) instead of queueing them.
 MAX_FRAMES_IN_FLIGHT = 2
-#: Longest phoneme symbol accepted.
-MAX_PHONEME_CHARS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,22 +60,6 @@ def settings_from_proto(config: render_pb2.RenderConfig, engine: RenderEngine) -
     return StreamSettings(config.avatar_id or AVATAR_ID, width, height, fps, encoding)
 
 
-def phonemes_from_proto(timings: list[audio_pb2.PhonemeTiming]) -> list[Phoneme]:
-    """Wire phoneme timings (stream positions) as Phonemes; an empty viseme is derived
-    from the phoneme symbol."""
-    out = []
-    for i, t in enumerate(timings):
-        if len(t.phoneme) > MAX_PHONEME_CHARS:
-            raise InvalidInput(f"phoneme {i}: symbol longer than {MAX_PHONEME_CHARS} characters")
-        viseme = t.viseme or viseme_for(t.phoneme)
-        if viseme not in VISEMES:
-            raise InvalidInput(
-                f"phoneme {i} has unknown viseme {t.viseme!r}; expected one of {list(VISEMES)}"
-            )
-        out.append(Phoneme(t.phoneme, viseme, t.start_sample, t.num_samples))
-    return out
-
-
 def add_segment(stream: AvatarStream, segment: render_pb2.SpeechSegment) -> None:
     """Validate a speech segment and queue it on the stream."""
     chunk = segment.audio
@@ -94,12 +76,7 @@ def add_segment(stream: AvatarStream, segment: render_pb2.SpeechSegment) -> None
     # Phonemes are stream positions; relative to the chunk's declared start they stay
     # put when start_sample 0 means "right after the previous segment".
     placed = start or stream.next_sample
-    phonemes = phonemes_from_proto(list(segment.phonemes))
-    if placed != start:
-        shift = placed - start
-        phonemes = [
-            Phoneme(p.phoneme, p.viseme, p.start_sample + shift, p.num_samples) for p in phonemes
-        ]
+    phonemes = shift_phonemes(wire.phonemes_from_proto(segment.phonemes), placed - start)
     stream.add_speech(samples, rate, placed, phonemes)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from parley import clock, metrics
 from parley.errors import InvalidInput
 from parley.vad import SAMPLE_RATE
-from parley.visemes import Phoneme
+from parley.visemes import Phoneme, shift_phonemes
 
 from services.asr.engine import Activity, AsrEngine, Transcript
 from services.llm.engine import ChatMessage, GenerationStats, LlmEngine
@@ -314,10 +314,7 @@ class Conversation:
 
     def _place_on_avatar(self, speech: Speech, start: int) -> None:
         assert self.avatar is not None
-        phonemes = [
-            Phoneme(p.phoneme, p.viseme, start + p.start_sample, p.num_samples)
-            for p in speech.phonemes
-        ]
+        phonemes = shift_phonemes(speech.phonemes, start)
         self.avatar.add_speech(speech.samples, speech.sample_rate, start, phonemes)
 
     def _render_first_frame(self, trace: TurnTrace, at_s: float) -> asyncio.Future[None]:
@@ -398,10 +395,7 @@ class _Frame:
     phonemes: list[Phoneme]
 
     def _replace_turn(self, turn: int, stream_start: int) -> AvatarAudioEvent:
-        phonemes = [
-            Phoneme(p.phoneme, p.viseme, stream_start + p.start_sample - self.offset, p.num_samples)
-            for p in self.phonemes
-        ]
+        phonemes = shift_phonemes(self.phonemes, stream_start - self.offset)
         return AvatarAudioEvent(self.samples, self.sample_rate, stream_start, phonemes, turn)
 
 
