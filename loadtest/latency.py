@@ -21,12 +21,22 @@ import jiwer
 import numpy as np
 from parley import clock
 from parley.audio import ASR_SAMPLE_RATE, resample, write_wav
+from parley.errors import InvalidInput
 from parley.visemes import shift_phonemes
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from loadtest.corpus import DEFAULT_DIR, load_corpus, speak_as_user, synthesize_default
-from loadtest.replay import BargeInResult, Recording, TurnResult, barge_in_trial, normalize, replay
+from loadtest.replay import (
+    BackchannelResult,
+    BargeInResult,
+    Recording,
+    TurnResult,
+    backchannel_trial,
+    barge_in_trial,
+    normalize,
+    replay,
+)
 from services.asr.engine import AsrEngine
 from services.llm.config import LlmConfig
 from services.llm.engine import LlmEngine
@@ -62,19 +72,25 @@ BARGE_IN_QUESTIONS = (
     "Describe your favourite city in as much detail as you can.",
 )
 BARGE_IN_INTERRUPTIONS = ("Wait, stop, I have another question.", "Sorry, hold on a second.")
+#: Listener feedback said while the avatar talks: it must go on, not stop.
+BACKCHANNELS = ("Mm-hmm.", "Yeah.", "Okay.", "Uh-huh.")
 
 
 #: A persona that talks at length, so there is a reply to cut into.
 STORYTELLER = "You are a storyteller on a video call. Answer every question with a long story."
 
 
-async def run_barge_ins(engines: Engines, trials: int, console: Console) -> dict[str, Any]:
+async def run_barge_ins(
+    engines: Engines, trials: int, console: Console, backchannels: int = 0
+) -> dict[str, Any]:
     conv = Conversation(engines, STORYTELLER)
     await conv.prepare()
-    spoken = speak_as_user(BARGE_IN_QUESTIONS + BARGE_IN_INTERRUPTIONS)
+    spoken = speak_as_user(BARGE_IN_QUESTIONS + BARGE_IN_INTERRUPTIONS + BACKCHANNELS)
     audio = [resample(a, rate, ASR_SAMPLE_RATE) for a, rate in spoken]
-    questions, interruptions = audio[: len(BARGE_IN_QUESTIONS)], audio[len(BARGE_IN_QUESTIONS) :]
+    n_q, n_i = len(BARGE_IN_QUESTIONS), len(BARGE_IN_INTERRUPTIONS)
+    questions, interruptions, feedback = audio[:n_q], audio[n_q : n_q + n_i], audio[n_q + n_i :]
     results: list[BargeInResult] = []
+    heard: list[BackchannelResult] = []
     try:
         with console.status("barge-in trials") as status:
             for i in range(trials):
@@ -84,8 +100,28 @@ async def run_barge_ins(engines: Engines, trials: int, console: Console) -> dict
                         conv, questions[i % len(questions)], interruptions[i % len(interruptions)]
                     )
                 )
+            for i in range(backchannels):
+                status.update(f"backchannel trial {i + 1}/{backchannels}")
+                heard.append(
+                    await backchannel_trial(
+                        conv, questions[i % len(questions)], feedback[i % len(feedback)]
+                    )
+                )
     finally:
         await conv.close()
+    talking = [r for r in heard if r.avatar_was_talking]
+    paused = [r.paused_s for r in talking if r.paused_s is not None]
+    backchannel_report = {
+        "trials": backchannels,
+        "avatar_was_talking": len(talking),
+        "resumed": sum(r.resumed for r in talking),
+        "interrupted": sum(r.interrupted for r in talking),
+        "paused_p50_s": percentile(paused, 50),
+        "paused_max_s": max(paused) if paused else None,
+        "per_trial": [
+            {"said": BACKCHANNELS[i % len(BACKCHANNELS)], **asdict(r)} for i, r in enumerate(heard)
+        ],
+    }
     counted = [r for r in results if r.avatar_was_talking]
     onset = [r.onset_to_stop_s for r in counted if r.onset_to_stop_s is not None]
     detected = [r.detected_to_stop_s for r in counted if r.detected_to_stop_s is not None]
@@ -98,6 +134,7 @@ async def run_barge_ins(engines: Engines, trials: int, console: Console) -> dict
         "detected_to_stop_p50_s": percentile(detected, 50),
         "frames_after_stop": sum(r.frames_after_stop for r in counted),
         "per_trial": [asdict(r) for r in results],
+        "backchannel": backchannel_report,
     }
 
 
@@ -157,8 +194,14 @@ async def run(
     llm_model: str = "",
     record: bool = False,
     barge_ins: int = 0,
+    backchannels: int = 0,
+    speculation: str = "on",
     console: Console | None = None,
 ) -> tuple[dict[str, Any], list[TurnResult], Recording | None]:
+    """Replay the corpus; `speculation` "on", "off" or "both" (each turn said to two
+    conversations in turn, one speculating and one not, on the same engines)."""
+    if speculation not in ("on", "off", "both"):
+        raise InvalidInput("speculation must be on, off or both")
     console = console or Console(stderr=True)
     directory = audio_dir or synthesize_default(DEFAULT_DIR)
     utterances = load_corpus(directory)
@@ -170,8 +213,12 @@ async def run(
         engines = await load_engines(llm_model)
     load_s = clock.now() - t0
     rss_loaded = rss_mb()
-    conv = Conversation(engines)
+    conv = Conversation(engines, speculate=speculation != "off")
     await conv.prepare()  # as a new session does when created
+    plain = Conversation(engines, speculate=False) if speculation == "both" else None
+    if plain is not None:
+        await plain.prepare()
+    plain_results: list[TurnResult] = []
     progress = Progress(
         TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.description}"), console=console,
@@ -188,18 +235,47 @@ async def run(
                     f"  [cyan]u2u {u2u}[/]"
                 )
 
-            results, recording = await replay(conv, utterances, record=record, on_turn=on_turn)
-        barge_in = await run_barge_ins(engines, barge_ins, console) if barge_ins else None
+            if plain is None:
+                results, recording = await replay(conv, utterances, record=record, on_turn=on_turn)
+            else:
+                results, recording = [], None
+                for i, utt in enumerate(utterances):
+                    (r,), _ = await replay(conv, [utt])
+                    (q,), _ = await replay(plain, [utt])
+                    r.index = q.index = i
+                    results.append(r)
+                    plain_results.append(q)
+                    on_turn(r)
+        trials = barge_ins or backchannels
+        barge_in = (
+            await run_barge_ins(engines, barge_ins, console, backchannels) if trials else None
+        )
     finally:
         await conv.close()
+        if plain is not None:
+            await plain.close()
         await engines.close()
     summary = summarize(results)
+    summary["speculation"] = {"enabled": speculation != "off", **conv.speculation.as_dict()}
+    if plain is not None:
+        without = summarize(plain_results)
+        summary["without_speculation"] = {
+            k: without[k] for k in ("turns", "u2u_p50_s", "u2u_p95_s", "false_cut_ins")
+        }
+        if summary["u2u_p50_s"] and without["u2u_p50_s"]:
+            summary["speculation"]["u2u_p50_saved_s"] = without["u2u_p50_s"] - summary["u2u_p50_s"]
     if barge_in is not None:
-        summary["barge_in"] = {k: v for k, v in barge_in.items() if k != "per_trial"}
+        summary["barge_in"] = {
+            k: v for k, v in barge_in.items() if k not in ("per_trial", "backchannel")
+        }
+        summary["backchannel"] = {
+            k: v for k, v in barge_in["backchannel"].items() if k != "per_trial"
+        }
     report = {
         "summary": summary,
         "barge_in": barge_in,
         "turns": [r.to_dict() for r in results],
+        "turns_without_speculation": [r.to_dict() for r in plain_results],
         "memory_mb": {
             "before_models": round(rss_start, 1),
             "models_loaded": round(rss_loaded, 1),
@@ -311,8 +387,13 @@ def bench_latency(
     json_path: Path,
     llm_model: str = "",
     barge_ins: int = 5,
+    backchannels: int = 4,
+    speculation: str = "both",
 ) -> dict[str, Any]:
-    report, _, _ = asyncio.run(run(audio_dir, turns, llm_model=llm_model, barge_ins=barge_ins))
+    report, _, _ = asyncio.run(
+        run(audio_dir, turns, llm_model=llm_model, barge_ins=barge_ins,
+            backchannels=backchannels, speculation=speculation)
+    )  # fmt: skip
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2))
     print(json.dumps(report["summary"], indent=2))

@@ -180,6 +180,98 @@ class BargeInResult:
     frames_after_stop: int = 0
 
 
+@dataclass(slots=True)
+class BackchannelResult:
+    #: the avatar was talking when the user said the backchannel (otherwise not counted)
+    avatar_was_talking: bool = False
+    #: the backchannel was recognised: the avatar paused and went on with the same reply
+    resumed: bool = False
+    #: the reply was cancelled as if the user had taken the turn (a failure)
+    interrupted: bool = False
+    #: how long the avatar was silent for it (true onset → audio again)
+    paused_s: float | None = None
+
+
+async def _ask_and_listen(
+    conv: Conversation,
+    question: np.ndarray,
+    talk_s: float,
+    audio_events: list[AvatarAudioEvent],
+    done: list[TurnTrace],
+) -> int | None:
+    """Ask, wait for the avatar to talk `talk_s`; its turn number if it still talks."""
+    lead = np.zeros(int(LEAD_SILENCE_S * ASR_SAMPLE_RATE), np.float32)
+    await _push_paced(conv, np.concatenate([lead, question]), None)
+    if not await _silence_until(conv, lambda: bool(audio_events), REPLY_TIMEOUT_S):
+        return None
+    turn = audio_events[0].turn
+    talk_until = clock.now() + talk_s
+    await _silence_until(conv, lambda: clock.now() >= talk_until or bool(done), talk_s + 1)
+    if not conv.replying or done:
+        await conv.wait_idle()
+        return None
+    return turn
+
+
+async def _silence_until(conv: Conversation, condition: Callable[[], bool], limit_s: float) -> bool:
+    deadline = clock.now() + limit_s
+    silence = np.zeros(FRAME, np.float32)
+    while not condition():
+        if clock.now() > deadline:
+            return False
+        await _push_paced(conv, silence, None)
+    return True
+
+
+def _collector(
+    conv: Conversation, audio_events: list[AvatarAudioEvent], done: list[TurnTrace]
+) -> asyncio.Task[None]:
+    async def consume() -> None:
+        while True:
+            ev = await conv.events.get()
+            if isinstance(ev, AvatarAudioEvent):
+                audio_events.append(ev)
+            elif isinstance(ev, TurnDoneEvent):
+                done.append(ev.trace)
+
+    return asyncio.create_task(consume())
+
+
+async def backchannel_trial(
+    conv: Conversation, question: np.ndarray, backchannel: np.ndarray, talk_s: float = 1.0
+) -> BackchannelResult:
+    """Ask for a long answer, let the avatar talk, say "mm-hm": it must go on with the reply."""
+    result = BackchannelResult()
+    audio_events: list[AvatarAudioEvent] = []
+    done: list[TurnTrace] = []
+    consumer = _collector(conv, audio_events, done)
+    try:
+        turn = await _ask_and_listen(conv, question, talk_s, audio_events, done)
+        if turn is None:
+            return result
+        result.avatar_was_talking = True
+        heard = conv.backchannels
+        onset, _ = speech_bounds(backchannel)
+        start = await _push_paced(conv, backchannel, None)
+        true_onset = start + onset / ASR_SAMPLE_RATE
+        sent_before = len(audio_events)
+        await _silence_until(
+            conv, lambda: len(audio_events) > sent_before or bool(done), REPLY_TIMEOUT_S
+        )
+        resumed_at = clock.now()  # the first avatar audio after the backchannel (±1 frame)
+        await conv.wait_idle()
+        trace = next((t for t in done if t.turn == turn), None)
+        result.interrupted = trace is not None and trace.interrupted
+        result.resumed = conv.backchannels > heard and not result.interrupted
+        if result.resumed and trace is not None and "paused_s" in trace.extra:
+            result.paused_s = resumed_at - true_onset
+    finally:
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+    return result
+
+
 async def barge_in_trial(
     conv: Conversation, question: np.ndarray, interruption: np.ndarray, talk_s: float = 1.0
 ) -> BargeInResult:
@@ -190,41 +282,16 @@ async def barge_in_trial(
     result = BargeInResult()
     audio_events: list[AvatarAudioEvent] = []
     done: list[TurnTrace] = []
-
-    async def consume() -> None:
-        while True:
-            ev = await conv.events.get()
-            if isinstance(ev, AvatarAudioEvent):
-                audio_events.append(ev)
-            elif isinstance(ev, TurnDoneEvent):
-                done.append(ev.trace)
-
-    async def silence_until(condition: Callable[[], bool], limit_s: float) -> bool:
-        deadline = clock.now() + limit_s
-        silence = np.zeros(FRAME, np.float32)
-        while not condition():
-            if clock.now() > deadline:
-                return False
-            await _push_paced(conv, silence, None)
-        return True
-
-    consumer = asyncio.create_task(consume())
+    consumer = _collector(conv, audio_events, done)
     try:
-        lead = np.zeros(int(LEAD_SILENCE_S * ASR_SAMPLE_RATE), np.float32)
-        await _push_paced(conv, np.concatenate([lead, question]), None)
-        if not await silence_until(lambda: bool(audio_events), REPLY_TIMEOUT_S):
-            return result
-        turn = audio_events[0].turn
-        talk_until = clock.now() + talk_s
-        await silence_until(lambda: clock.now() >= talk_until or bool(done), talk_s + 1)
-        result.avatar_was_talking = conv.replying and not done
-        if not result.avatar_was_talking:
-            await conv.wait_idle()
+        turn = await _ask_and_listen(conv, question, talk_s, audio_events, done)
+        result.avatar_was_talking = turn is not None
+        if turn is None:
             return result
         onset, _ = speech_bounds(interruption)
         start = await _push_paced(conv, interruption, None)
         true_onset = start + onset / ASR_SAMPLE_RATE
-        await silence_until(lambda: any(t.turn == turn for t in done), REPLY_TIMEOUT_S)
+        await _silence_until(conv, lambda: any(t.turn == turn for t in done), REPLY_TIMEOUT_S)
         trace = next((t for t in done if t.turn == turn), None)
         if trace is not None and trace.interrupted:
             result.interrupted = True
@@ -235,7 +302,7 @@ async def barge_in_trial(
                 1 for ev in audio_events if ev.turn == turn and ev.start_sample >= stop_position
             )
         # Let the answer to the interruption play out so the next trial starts idle.
-        await silence_until(lambda: any(t.turn > turn for t in done), REPLY_TIMEOUT_S)
+        await _silence_until(conv, lambda: any(t.turn > turn for t in done), REPLY_TIMEOUT_S)
         await conv.wait_idle()
     finally:
         consumer.cancel()

@@ -482,6 +482,8 @@ class TurnScore:
     cut_ins_by_kind: Counter[str] = field(default_factory=Counter)
     missed_by_kind: Counter[str] = field(default_factory=Counter)
     turns_by_kind: Counter[str] = field(default_factory=Counter)
+    #: per file, for detectors that speculate (services.turn.detector.SpeculationTally)
+    speculation: list[Any] = field(default_factory=list)
 
     def add(self, case: TurnCase, decisions: Iterable[float]) -> None:
         """Score one file's decision times (stream seconds) against its true turns."""
@@ -521,7 +523,22 @@ class TurnScore:
             "cut_ins_by_turn_kind": dict(self.cut_ins_by_kind),
             "missed_by_turn_kind": dict(self.missed_by_kind),
             "turns_by_kind": dict(self.turns_by_kind),
+            **({"speculation": _speculation_summary(self.speculation)} if self.speculation else {}),
         }
+
+
+def _speculation_summary(tallies: list[Any]) -> dict[str, Any]:
+    """One summary of `SpeculationTally`s over files (raw leads pooled)."""
+    started = sum(t.started for t in tallies)
+    hits = sum(t.hits for t in tallies)
+    leads = [x for t in tallies for x in t.leads_s]
+    return {
+        "started": started,
+        "hits": hits,
+        "misses": sum(t.misses for t in tallies),
+        "hit_rate": round(hits / started, 3) if started else None,
+        "lead_p50_ms": round(1000 * float(np.median(leads)), 1) if leads else None,
+    }
 
 
 # ----------------------------------------------------------------------------- detectors

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 from parley.errors import InvalidInput
-from parley.vad import SileroVadModel, VadStream
+from parley.vad import SileroVadModel, VadOptions, VadStream
 
 from loadtest.turn_cases import (
     DEFAULT_DIR,
@@ -75,6 +75,7 @@ from services.turn.detector import (
     EventKind,
     ParleyTurnConfig,
     ParleyTurnDetector,
+    SpeculationTally,
     logit,
     sigmoid,
 )
@@ -293,7 +294,8 @@ class SimulatedAsr:
         self.audio = audio
         self.whisper = whisper
         self.config = whisper.config
-        self.vad: VadStream = vad_model.stream()  # the ASR's own VAD, default options
+        # the ASR's own VAD, as AsrStream configures it
+        self.vad = VadStream(vad_model, VadOptions(min_silence_ms=self.config.stop_decode_ms))
         self.position = 0
         self._count = 0
         self._utt: _SimUtterance | None = None
@@ -425,6 +427,7 @@ class ParleyUnderTest:
         )
         self.asr = SimulatedAsr(audio, vad_model, whisper)
         self._finals: list[str] = []
+        self.speculation = SpeculationTally()
 
     @property
     def model_ms(self) -> list[float]:
@@ -435,9 +438,12 @@ class ParleyUnderTest:
             if tr.is_final:
                 self._finals.append(tr.text)
             text = " ".join([*self._finals, "" if tr.is_final else tr.text]).strip()
+            for ev in self.detector.speculate(text, audio_end_s=tr.audio_end_s, at_s=tr.at_s):
+                self.speculation.observe(ev)
             self.detector.update_transcript(text, audio_end_s=tr.audio_end_s, at_s=tr.at_s)
         decisions = []
         for ev in self.detector.push_events(frame):
+            self.speculation.observe(ev)
             if ev.kind is EventKind.END_OF_TURN:
                 decisions.append(ev.at_s)
                 self.asr.finalize()
@@ -504,6 +510,7 @@ def run_parley(
             decisions += det.push(case.audio[i : i + SR // 50])
         score.add(case, decisions)
         score.model_ms += det.model_ms
+        score.speculation.append(det.speculation)
         used.append((case, det.detector))
     return score, used
 
@@ -840,6 +847,7 @@ async def _live_file(
     case: TurnCase,
     asr: Any,
     detector: ParleyTurnDetector,
+    speculation: SpeculationTally,
 ) -> list[float]:
     """One file in real time: frames paced by the wall clock into the real ASR engine and
     the detector; a decision counts at the wall-clock moment it is made."""
@@ -866,9 +874,12 @@ async def _live_file(
                 if ev.is_final:
                     finals.append(ev.text)
                 text = " ".join([*finals, "" if ev.is_final else ev.text]).strip()
+                for dev in detector.speculate(text, audio_end_s=ev.audio_end_s):
+                    speculation.observe(dev)
                 detector.update_transcript(text, audio_end_s=ev.audio_end_s)
-        for ev in detector.push_events(chunk):
-            if ev.kind is EventKind.END_OF_TURN:
+        for dev in detector.push_events(chunk):
+            speculation.observe(dev)
+            if dev.kind is EventKind.END_OF_TURN:
                 decisions.append(time.perf_counter() - start)
                 finalizing.append(asyncio.ensure_future(stream.finalize()))
                 finals = []
@@ -906,7 +917,9 @@ def evaluate_live(
                 det = ParleyTurnDetector(
                     engine.vad_model, smart_turn=smart, semantic=semantic, config=config
                 )
-                score.add(case, await _live_file(case, engine, det))
+                tally = SpeculationTally()
+                score.add(case, await _live_file(case, engine, det, tally))
+                score.speculation.append(tally)
                 score.model_ms += det.model_ms
                 if progress:
                     progress(f"[{n}/{len(cases)}] live {case.path.name}")

@@ -10,6 +10,7 @@ from services.asr.engine import AsrEngine
 from services.llm.config import LlmConfig
 from services.llm.engine import LlmEngine
 from services.tts.engine import TtsEngine
+from services.turn.engine import TurnEngine
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,14 @@ async def asr_engine() -> AsyncIterator[AsrEngine]:
 @pytest.fixture(scope="session")
 async def tts_engine() -> AsyncIterator[TtsEngine]:
     engine = TtsEngine()
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="session")
+async def turn_engine(asr_engine: AsrEngine) -> AsyncIterator[TurnEngine]:
+    engine = TurnEngine(vad_model=asr_engine.vad_model)
     await engine.start()
     yield engine
     await engine.close()

@@ -21,11 +21,13 @@ from parley.v1 import (
     turn_pb2_grpc,
 )
 
+from loadtest.corpus import speech_bounds
 from loadtest.replay import word_error_rate
 from services.asr.engine import AsrEngine
 from services.asr.servicer import AsrServicer
 from services.tts.engine import TtsEngine
 from services.tts.servicer import TtsServicer
+from services.turn.engine import TurnEngine
 from services.turn.servicer import TurnServicer
 
 SR = 16_000
@@ -33,11 +35,13 @@ FRAME = 320
 
 
 @pytest.fixture(scope="module")
-async def channel(asr_engine: AsrEngine, tts_engine: TtsEngine) -> AsyncIterator[grpc.aio.Channel]:
+async def channel(
+    asr_engine: AsrEngine, tts_engine: TtsEngine, turn_engine: TurnEngine
+) -> AsyncIterator[grpc.aio.Channel]:
     server, port = await rpc.make_server(
         [
             (asr_pb2_grpc.add_AsrServicer_to_server, AsrServicer(asr_engine)),
-            (turn_pb2_grpc.add_TurnServicer_to_server, TurnServicer(asr_engine.vad_model)),
+            (turn_pb2_grpc.add_TurnServicer_to_server, TurnServicer(turn_engine)),
             (tts_pb2_grpc.add_TtsServicer_to_server, TtsServicer(tts_engine)),
         ],
         ["parley.v1.Asr", "parley.v1.Turn", "parley.v1.Tts"],
@@ -168,23 +172,34 @@ async def test_turn_service_scores_the_transcript_at_end_of_turn(
     channel: grpc.aio.Channel, tts_engine: TtsEngine
 ) -> None:
     stub = turn_pb2_grpc.TurnStub(channel)
-    audio = await speech(tts_engine, "I would like to book a flight", tail_s=1.5)
+    audio = await speech(tts_engine, "I would like to book a flight", tail_s=3.5)
+    parts = chunks(audio)
 
-    async def end_of_turn_probability(transcript: str) -> float:
-        reqs = [turn_pb2.TurnRequest(config=turn_pb2.TurnConfig(min_silence_ms=200))]
-        reqs.append(turn_pb2.TurnRequest(partial_transcript=transcript))
-        reqs += [turn_pb2.TurnRequest(audio=c) for c in chunks(audio)]
-        speech_end = None
+    async def end_of_turn(transcript: str) -> turn_pb2.TurnEvent:
+        """Audio to 0.3 s past the speech, the ASR's words for it, then the rest."""
+        speech_end = speech_bounds(audio)[1] / SR
+        cut = int((speech_end + 0.25) * SR) // FRAME
+        # 0.4 s of silence needed even when sure: the words (in at 0.3 s) then decide,
+        # not Smart Turn's fast path at the VAD stop (TTS audio always sounds finished).
+        config = turn_pb2.TurnConfig(min_silence_ms=400, max_turn_ms=20_000)
+        reqs = [turn_pb2.TurnRequest(config=config)]
+        reqs += [turn_pb2.TurnRequest(audio=c) for c in parts[:cut]]
+        text = turn_pb2.TurnTranscript(text=transcript, audio_end_s=cut * FRAME / SR)
+        reqs.append(turn_pb2.TurnRequest(transcript=text))
+        reqs += [turn_pb2.TurnRequest(audio=c) for c in parts[cut:]]
+        kinds = []
         async for ev in stub.Detect(requests(reqs)):
-            if ev.kind == turn_pb2.TurnEvent.SPEECH_END:
-                speech_end = ev.at_s
+            kinds.append(ev.kind)
             if ev.kind == turn_pb2.TurnEvent.END_OF_TURN:
-                assert speech_end is not None
-                return ev.end_of_turn_probability
+                assert turn_pb2.TurnEvent.SPEECH_END in kinds
+                return ev
         raise AssertionError("no end of turn")
 
-    assert await end_of_turn_probability("I would like to book a flight.") > 0.85
-    assert await end_of_turn_probability("I would like to book a flight to") < 0.3
+    complete = await end_of_turn("I would like to book a flight.")
+    incomplete = await end_of_turn("I would like to book a flight to")
+    assert complete.text == "I would like to book a flight."
+    assert complete.end_of_turn_probability > incomplete.end_of_turn_probability + 0.2
+    assert complete.at_s < incomplete.at_s - 0.5  # a dangling "to" waits for more
 
 
 async def test_turn_service_rejects_bad_config(channel: grpc.aio.Channel) -> None:
@@ -203,6 +218,12 @@ async def test_turn_service_rejects_bad_config(channel: grpc.aio.Channel) -> Non
         lambda: stub.Detect(requests([turn_pb2.TurnRequest(partial_transcript="x" * 5000)])),
         grpc.StatusCode.INVALID_ARGUMENT,
         "at most",
+    )
+    future = turn_pb2.TurnTranscript(text="hello", audio_end_s=5.0)
+    await expect_error(
+        lambda: stub.Detect(requests([turn_pb2.TurnRequest(transcript=future)])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "outside the audio received",
     )
 
 

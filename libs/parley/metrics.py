@@ -34,6 +34,14 @@ INTERRUPTION_LATENCY = Histogram(
     "Seconds from user speech onset (as detected) to avatar output stopping",
     buckets=LATENCY_BUCKETS,
 )
+BACKCHANNELS = Counter(
+    "parley_backchannels_total", "Backchannels heard while the avatar talked (it went on)"
+)
+SPECULATIONS = Counter(
+    "parley_speculations_total",
+    "Replies started before the end of turn, by outcome (started, hit, missed)",
+    ["outcome"],
+)
 INPUT_ERRORS = Counter(
     "parley_input_errors_total", "External inputs rejected as invalid", ["service"]
 )

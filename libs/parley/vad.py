@@ -120,5 +120,12 @@ class VadStream:
         return events
 
     @property
+    def pending_silence_s(self) -> float | None:
+        """While speaking: where a silence began that has not yet lasted `min_silence_ms`."""
+        if self.speaking and self._run_start is not None:
+            return self._run_start / SAMPLE_RATE
+        return None
+
+    @property
     def time_s(self) -> float:
         return self.samples_seen / SAMPLE_RATE

@@ -24,6 +24,10 @@ class AsrConfig(BaseModel):
     min_window_s: float = Field(default=10.0, ge=1.0, le=30.0)
     #: Re-decode the growing utterance this often while the user speaks (partials).
     partial_interval_s: float = Field(default=0.5, ge=0.1)
+    #: Silence after which the VAD reports a stop and the whole utterance is decoded
+    #: (the transcript the turn detector and a speculative reply wait for). Shorter
+    #: gives the words sooner but decodes more often inside speech (short gaps).
+    stop_decode_ms: int = Field(default=96, ge=32, le=2000)
     #: Without an explicit finalize, an utterance ends after this much silence.
     endpoint_silence_s: float = Field(default=0.8, ge=0.1)
     #: Utterances are cut (finalized) at this length; Whisper sees at most 30 s.

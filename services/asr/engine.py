@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 from parley import clock, metrics
-from parley.vad import SAMPLE_RATE, SileroVadModel, VadStream
+from parley.vad import SAMPLE_RATE, SileroVadModel, VadOptions, VadStream
 
 from services.asr.config import AsrConfig
 
@@ -126,7 +126,9 @@ class AsrStream:
     def __init__(self, engine: AsrEngine) -> None:
         self.engine = engine
         self.config = engine.config
-        self.vad: VadStream = engine.vad_model.stream()
+        self.vad = VadStream(
+            engine.vad_model, VadOptions(min_silence_ms=self.config.stop_decode_ms)
+        )
         self.events: asyncio.Queue[AsrEvent] = asyncio.Queue()
         self.position = 0  # samples received
         self._preroll: list[np.ndarray] = []
@@ -240,6 +242,10 @@ class AsrStream:
         Reuses the decode made when the speech stopped if no speech came after it.
         """
         return await self._complete(self._detach())
+
+    def discard(self) -> None:
+        """Forget the current utterance (a backchannel, a cough): no final will follow."""
+        self._detach()
 
     async def _complete(self, utt: _Utterance | None) -> Transcript | None:
         if utt is None:

@@ -29,6 +29,8 @@ class TurnTrace:
     first_output: float = 0.0
     #: the avatar's video frame shown with the first audio is rendered (with a renderer)
     first_frame: float = 0.0
+    #: why the detector ended the turn (confident, silence, fast_audio, silence_cap, max_turn)
+    end_of_turn_reason: str = ""
     user_text: str = ""
     reply_text: str = ""
     interrupted: bool = False

@@ -11,18 +11,20 @@ from typing import Any
 
 from parley.serve import ServeContext, deployment_args
 from parley.v1 import turn_pb2
-from parley.vad import SileroVadModel
 from ray import serve
 from ray.serve import Application
 
 from services.turn.config import TurnConfig
+from services.turn.engine import TurnEngine
 from services.turn.servicer import TurnServicer
 
 
 @serve.deployment(name="turn", max_ongoing_requests=32)
 class TurnDeployment:
-    def __init__(self, config: TurnConfig | None = None) -> None:
-        self.servicer = TurnServicer(SileroVadModel(), config)
+    async def __init__(self, config: TurnConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
+        engine = TurnEngine(config)
+        await engine.start()  # loads and warms the models before the replica takes calls
+        self.servicer = TurnServicer(engine)
 
     async def Detect(
         self, request_stream: AsyncIterator[turn_pb2.TurnRequest], grpc_context: Any = None

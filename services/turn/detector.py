@@ -47,7 +47,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
@@ -72,6 +72,11 @@ class EventKind(Enum):
     SPEECH_END = 2
     END_OF_TURN = 3
     BACKCHANNEL = 4  # short listener feedback while the avatar talks: no turn, no barge-in
+    #: The words of a pause are in and the turn may be over: a reply may be started
+    #: on `text` now, to be spoken only if the turn ends without more speech.
+    SPECULATE = 5
+    #: The "turn" held no words (noise, a cough, a breath): dropped without a decision.
+    NOT_SPEECH = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,8 @@ class ParleyTurnConfig:
     drop_empty: bool = True
     #: Offline replay: signals are available only after their measured compute time.
     account_compute: bool = False
+    #: Raise SPECULATE for the words of each pause (see `speculate`).
+    speculate: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.incomplete_p < self.complete_p <= 1.0:
@@ -199,6 +206,55 @@ class _Transcript:
     raw: Any = None
 
 
+@dataclass(slots=True)
+class SpeculationTally:
+    """Counts what speculation would have bought, from a detector's events.
+
+    A SPECULATE is a *hit* when the turn then ends (END_OF_TURN) on the same words
+    with no speech in between: a reply started at the SPECULATE would be spoken. It
+    is a *miss* when the user speaks again, the words differ or the "turn" is dropped.
+    `leads_s`: for hits, how long before the decision the reply could start.
+    """
+
+    started: int = 0
+    hits: int = 0
+    misses: int = 0
+    leads_s: list[float] = field(default_factory=list)
+    _open: DetectorEvent | None = None
+
+    def observe(self, event: DetectorEvent) -> None:
+        kind, pending = event.kind, self._open
+        if kind is EventKind.SPECULATE:
+            if pending is not None and pending.text == event.text:
+                return
+            if pending is not None:
+                self.misses += 1
+            self.started += 1
+            self._open = event
+        elif pending is None:
+            return
+        elif kind is EventKind.END_OF_TURN:
+            if event.text == pending.text:
+                self.hits += 1
+                self.leads_s.append(max(0.0, event.at_s - pending.at_s))
+            else:
+                self.misses += 1
+            self._open = None
+        elif kind in (EventKind.SPEECH_START, EventKind.NOT_SPEECH, EventKind.BACKCHANNEL):
+            self.misses += 1
+            self._open = None
+
+    def summary(self) -> dict[str, Any]:
+        leads = sorted(self.leads_s)
+        return {
+            "started": self.started,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": round(self.hits / self.started, 3) if self.started else None,
+            "lead_p50_ms": round(1000 * float(np.median(leads)), 1) if leads else None,
+        }
+
+
 class ParleyTurnDetector:
     """Per-stream end-of-turn state. Not thread-safe: one stream, one caller."""
 
@@ -225,6 +281,7 @@ class ParleyTurnDetector:
         self._turn: _Turn | None = None
         self._transcript = _Transcript()
         self.avatar_speaking = False
+        self._speculated: str | None = None  # text of the latest SPECULATE this pause
         # bounded histories, for traces and offline analysis
         self.model_ms: deque[float] = deque(maxlen=8 * keep_stops)  # per model call
         self.events: deque[DetectorEvent] = deque(maxlen=8 * keep_stops)  # all emitted
@@ -266,11 +323,37 @@ class ParleyTurnDetector:
             self.model_ms.append(ms)
             tr.score = _Signal(float(score.probability), self._ready(at, ms), tr.text)
             tr.raw = score
-        if turn is None:
-            return
-        turn.heard = turn.heard or bool(tr.text)
-        if turn.stop_at is not None and turn.text is None and self._fresh(tr, turn):
-            self._take_text(turn, tr)
+        if turn is not None:
+            turn.heard = turn.heard or bool(tr.text)
+            if turn.stop_at is not None and turn.text is None and self._fresh(tr, turn):
+                self._take_text(turn, tr)
+
+    def speculate(
+        self, text: str, *, audio_end_s: float | None = None, at_s: float | None = None
+    ) -> list[DetectorEvent]:
+        """SPECULATE if `text` holds the words up to the pause going on now.
+
+        Called with each new transcript *before* `update_transcript` scores it, so a
+        reply can start while the models decide: cheap, no model call. The pause
+        counts from where the VAD first heard silence, before its stop is confirmed
+        (the ASR may stop and decode sooner than the turn's VAD). Each text once;
+        no SPECULATE for a backchannel while the avatar talks.
+        """
+        text = text.strip() if isinstance(text, str) else ""
+        turn = self._turn
+        if not self.config.speculate or not text or turn is None or text == self._speculated:
+            return []
+        if self.avatar_speaking and is_backchannel(text):
+            return []
+        pause = turn.silence_since if turn.silence_since is not None else self.vad.pending_silence_s
+        end = self.now_s if audio_end_s is None else audio_end_s
+        if pause is None or end < pause - 1e-6:
+            return []  # the words of speech still going on
+        self._speculated = text
+        event = DetectorEvent(EventKind.SPECULATE, self.now_s if at_s is None else at_s, 0.0,
+                              "", text)  # fmt: skip
+        self.events.append(event)
+        return [event]
 
     def _take_text(self, turn: _Turn, tr: _Transcript) -> None:
         turn.empty = not tr.text
@@ -307,6 +390,7 @@ class ParleyTurnDetector:
         for ev in self.vad.push(samples):
             if ev.speaking:
                 out.append(DetectorEvent(EventKind.SPEECH_START, ev.at_s))
+                self._speculated = None
                 if self._turn is None:
                     self._turn = _Turn(start_s=ev.at_s)
                 else:
@@ -387,12 +471,15 @@ class ParleyTurnDetector:
     def _decide(self, turn: _Turn, now: float) -> DetectorEvent | None:
         cfg = self.config
         if now - turn.start_s >= cfg.max_turn_s:
-            return self._end(turn, now, self.probability, "max_turn", restart=self.vad.speaking)
+            return self._end(
+                turn, now, self.probability, "max_turn", text=self._text_of(turn),
+                restart=self.vad.speaking,
+            )  # fmt: skip
         if turn.silence_since is None or turn.stop_at is None:
             return None
         silent = now - turn.silence_since
         if silent >= cfg.silence_cap_s:
-            return self._end(turn, now, self.probability, "silence_cap")
+            return self._end(turn, now, self.probability, "silence_cap", text=self._text_of(turn))
         audio = turn.audio
         # 2. fast path: the audio model alone, before the transcript exists
         if (
@@ -409,7 +496,7 @@ class ParleyTurnDetector:
         # a fresh transcript: the words decide (or say "nothing was said")
         if turn.empty and cfg.drop_empty and now >= turn.stop_at:
             self._reset()
-            return None
+            return DetectorEvent(EventKind.NOT_SPEECH, now)
         text = turn.text
         if text is not None and now >= text.ready_s and is_backchannel(text.text):
             if self.avatar_speaking:
@@ -423,7 +510,7 @@ class ParleyTurnDetector:
         ):
             if not turn.heard and cfg.drop_empty:
                 self._reset()  # the ASR heard no words in this "turn": noise, a cough
-                return None
+                return DetectorEvent(EventKind.NOT_SPEECH, now)
             # The ASR is late (or behind on a long utterance): the audio alone decides.
             if audio is not None and now >= audio.ready_s:
                 combined = (audio.value, audio.ready_s)
@@ -441,6 +528,10 @@ class ParleyTurnDetector:
         reason = "confident" if p >= cfg.complete_p else "silence"
         at = max(ready, self._silence_met(turn, need, now))
         return self._end(turn, at, p, reason, text=text.text if text else "")
+
+    @staticmethod
+    def _text_of(turn: _Turn) -> str:
+        return turn.text.text if turn.text is not None else ""
 
     def _silence_met(self, turn: _Turn, need: float, now: float) -> float:
         """When `need` s of silence were reached: on the frame grid, like the fixed-silence
@@ -466,6 +557,7 @@ class ParleyTurnDetector:
 
     def _reset(self) -> None:
         self._turn = None
+        self._speculated = None
         self._transcript = _Transcript()
         self.probability = 0.0
 
@@ -475,6 +567,7 @@ __all__ = [
     "EventKind",
     "ParleyTurnConfig",
     "ParleyTurnDetector",
+    "SpeculationTally",
     "is_backchannel",
     "logit",
     "sigmoid",

@@ -1,107 +1,107 @@
-"""Turn detection: when has the user finished speaking?
+"""Turn engine: the models behind end-of-turn detection, and one async stream per session.
 
-A fixed silence timeout is either rude (cuts people off mid-thought) or slow. The
-silence needed here adapts to how complete the latest transcript reads: short
-after a finished sentence, long after "and", "um" or a trailing "to". The
-completeness model is deliberately simple (punctuation and function words from
-Whisper's output); the trained end-of-turn model replaces it behind the same API.
+`ParleyTurnDetector` (detector.py) is the frame-driven logic; this wraps it for
+async callers. Model calls (Smart Turn ~45 ms at a speech stop, the text model
+~36 ms per transcript) must not block the event loop that paces other sessions'
+audio, so every call of a stream runs on the engine's one worker thread, in the
+order the caller made them. One thread for all streams: both models use one core
+each, and more threads would fight the ASR and the LLM for the cores.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from enum import Enum
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 import numpy as np
-from parley.vad import SAMPLE_RATE, SileroVadModel, VadStream
+from parley.vad import SileroVadModel
 
+from services.turn.backends.smart_turn import SmartTurnModel
 from services.turn.config import TurnConfig
+from services.turn.detector import DetectorEvent, ParleyTurnConfig, ParleyTurnDetector
+from services.turn.semantic import SemanticTurnModel
 
-# Words after which a sentence cannot end.
-_CONTINUATION = frozenset(
-    """a an the and or but so because if then that which who to of in on at for with from by
-    as like um uh er erm hmm my your our their his her its i i'm we you they is are was were
-    be been very really just also about into than when while where what how why""".split()
-)
-_FILLER_ENDING = re.compile(r"(\.\.\.|…|,|-|—)\s*$")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-class TurnEventKind(Enum):
-    SPEECH_START = 1
-    SPEECH_END = 2
-    END_OF_TURN = 3
+class TurnEngine:
+    """One per process: the VAD, Smart Turn and text models, and the worker thread."""
 
-
-@dataclass(frozen=True, slots=True)
-class TurnEvent:
-    kind: TurnEventKind
-    at_s: float  # stream time the event refers to
-    probability: float = 0.0  # end-of-turn probability
-
-
-def completeness(text: str) -> float:
-    """Probability-like score that `text` is a finished turn."""
-    text = text.strip()
-    if not text:
-        return 0.0
-    if _FILLER_ENDING.search(text):
-        return 0.1
-    last = re.sub(r"[^\w']", "", text.split()[-1].lower())
-    if last in _CONTINUATION:
-        return 0.15
-    if text[-1] in ".?!":
-        return 0.9
-    return 0.5
-
-
-class TurnDetector:
-    """Per-stream state. Feed audio and transcripts; read the events it returns."""
-
-    def __init__(self, vad_model: SileroVadModel, config: TurnConfig | None = None) -> None:
+    def __init__(self, config: TurnConfig | None = None, vad_model: SileroVadModel | None = None):
         self.config = config or TurnConfig()
-        self.vad: VadStream = vad_model.stream()
-        self.transcript = ""
-        self.in_turn = False
-        self.turn_start_s = 0.0
-        self._silence_since: float | None = None
-        self.position = 0
+        self.vad_model = vad_model or SileroVadModel()
+        self.smart_turn: SmartTurnModel | None = None
+        self.semantic: SemanticTurnModel | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn")
 
-    def update_transcript(self, text: str) -> None:
-        self.transcript = text
+    def _load(self) -> None:
+        cfg = self.config
+        if cfg.smart_turn and self.smart_turn is None:
+            self.smart_turn = SmartTurnModel(cfg.smart_turn_path)
+            self.smart_turn.warm_up()
+        if cfg.semantic and self.semantic is None:
+            self.semantic = SemanticTurnModel(cfg.semantic_model_path)
+            self.semantic.warm_up()
 
-    def required_silence_s(self) -> float:
-        p = completeness(self.transcript)
-        lo, hi = self.config.min_silence_s, self.config.max_silence_s
-        if p >= 0.85:
-            return lo
-        return hi - (hi - lo) * p
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
 
-    def push(self, samples: np.ndarray) -> list[TurnEvent]:
-        events: list[TurnEvent] = []
-        self.position += len(samples)
-        for ev in self.vad.push(samples):
-            if ev.speaking:
-                self._silence_since = None
-                if not self.in_turn:
-                    self.in_turn, self.turn_start_s = True, ev.at_s
-                events.append(TurnEvent(TurnEventKind.SPEECH_START, ev.at_s))
-            else:
-                self._silence_since = ev.at_s
-                events.append(TurnEvent(TurnEventKind.SPEECH_END, ev.at_s))
-        now_s = self.position / SAMPLE_RATE
-        if self.in_turn:
-            p = completeness(self.transcript)
-            silent = self._silence_since is not None and (
-                now_s - self._silence_since >= self.required_silence_s()
-            )
-            too_long = now_s - self.turn_start_s >= self.config.max_turn_s
-            if silent or too_long:
-                at = self._silence_since if self._silence_since is not None else now_s
-                events.append(TurnEvent(TurnEventKind.END_OF_TURN, at, p))
-                self.in_turn = False
-                self.transcript = ""
-                if too_long and self.vad.speaking:
-                    # The user talks on: a new turn starts right away.
-                    self.in_turn, self.turn_start_s = True, now_s
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.semantic is not None:
+            self.semantic.close()
+
+    def detector(self, config: ParleyTurnConfig | None = None) -> ParleyTurnDetector:
+        return ParleyTurnDetector(
+            self.vad_model,
+            smart_turn=self.smart_turn,
+            semantic=self.semantic,
+            config=config or self.config.detector_config(),
+        )
+
+    def stream(self, config: ParleyTurnConfig | None = None) -> TurnStream:
+        return TurnStream(self, self.detector(config))
+
+
+class TurnStream:
+    """One session's detector; every call runs on the engine's worker thread, in order."""
+
+    def __init__(self, engine: TurnEngine, detector: ParleyTurnDetector) -> None:
+        self.engine = engine
+        self.detector = detector
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.engine._executor, lambda: fn(*args, **kwargs))
+
+    async def push(self, samples: np.ndarray) -> list[DetectorEvent]:
+        return await self._run(self.detector.push_events, samples)
+
+    async def speculate(
+        self, text: str, *, audio_end_s: float | None = None
+    ) -> list[DetectorEvent]:
+        """SPECULATE if a new transcript holds the words up to the current pause (no model)."""
+        return await self._run(self.detector.speculate, text, audio_end_s=audio_end_s)
+
+    async def update_transcript(self, text: str, *, audio_end_s: float | None = None) -> None:
+        """The ASR's latest transcript of the current turn (scored by the text model)."""
+        await self._run(self.detector.update_transcript, text, audio_end_s=audio_end_s)
+
+    async def transcript(
+        self, text: str, *, audio_end_s: float | None = None
+    ) -> list[DetectorEvent]:
+        """`speculate` then `update_transcript`, for callers that act on both at once."""
+        events = await self.speculate(text, audio_end_s=audio_end_s)
+        await self.update_transcript(text, audio_end_s=audio_end_s)
         return events
+
+    def set_avatar_speaking(self, speaking: bool) -> None:
+        # A plain flag read by the worker; the next decision sees it.
+        self.detector.set_avatar_speaking(speaking)
+
+    @property
+    def now_s(self) -> float:
+        return self.detector.now_s
