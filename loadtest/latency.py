@@ -150,7 +150,8 @@ def summarize(results: list[TurnResult]) -> dict[str, Any]:
     # A reply that starts before the user's speech ends cut them off: counted apart,
     # not as a (negative) latency.
     u2u = [r.u2u_s for r in results if r.u2u_s is not None and r.u2u_s >= 0]
-    cut_ins = [r.index for r in results if r.u2u_s is not None and r.u2u_s < 0]
+    # A reply to part of an utterance (or one that began before it ended) cut the user off.
+    cut_ins = [r.index for r in results if r.cut_ins or (r.u2u_s is not None and r.u2u_s < 0)]
     # Audio and video: the first audio out together with its rendered frame.
     u2u_av = [
         max(a, f)
@@ -163,7 +164,7 @@ def summarize(results: list[TurnResult]) -> dict[str, Any]:
     hyps = [normalize(r.hypothesis) or "<empty>" for r in results if normalize(r.reference)]
     return {
         "turns": len(results),
-        "answered": len(u2u) + len(cut_ins),
+        "answered": sum(r.u2u_s is not None for r in results),
         "false_cut_ins": len(cut_ins),
         "cut_in_turns": cut_ins,
         "u2u_p50_s": percentile(u2u, 50),

@@ -30,6 +30,9 @@ from services.sessions.trace import MILESTONES, TurnTrace
 FRAME = ASR_SAMPLE_RATE * FRAME_MS // 1000
 LEAD_SILENCE_S = 0.4
 REPLY_TIMEOUT_S = 30.0
+#: The VAD may place a speech end this much before the true (energy) end and still
+#: mean the end of the utterance (a soft final syllable).
+CUT_IN_TOLERANCE_S = 0.3
 
 
 @dataclass(slots=True)
@@ -42,6 +45,8 @@ class TurnResult:
     true_speech_end: float = 0.0
     trace: TurnTrace | None = None
     wer: float | None = None
+    #: replies to part of this utterance, started before it ended (false cut-ins)
+    cut_ins: list[TurnTrace] = field(default_factory=list)
 
     def latencies(self) -> dict[str, float | None]:
         if self.trace is None:
@@ -64,6 +69,7 @@ class TurnResult:
             "u2u_s": self.u2u_s,
             "latency_s": self.latencies(),
             "interrupted": bool(self.trace and self.trace.interrupted),
+            "false_cut_ins": [t.user_text for t in self.cut_ins],
             "llm_prompt_tokens": self.trace.llm_prompt_tokens if self.trace else None,
             "llm_cached_tokens": self.trace.llm_cached_tokens if self.trace else None,
         }
@@ -149,7 +155,13 @@ async def replay(
             trace: TurnTrace | None = None
             while clock.now() < deadline:
                 with contextlib.suppress(asyncio.QueueEmpty):
-                    trace = done.get_nowait()
+                    got = done.get_nowait()
+                    # The answer is the reply to speech that ended with the utterance; a
+                    # reply to speech that stopped earlier cut the user off mid-utterance.
+                    if got.speech_end >= result.true_speech_end - CUT_IN_TOLERANCE_S:
+                        trace = got
+                    else:
+                        result.cut_ins.append(got)
                 if trace is not None:
                     break
                 await _push_paced(conv, silence, rec)

@@ -25,7 +25,7 @@ from services.sessions.conversation import (
     TurnDoneEvent,
     UserTranscriptEvent,
 )
-from services.sessions.registry import SessionRegistry
+from services.sessions.registry import LOCAL_TENANT, SessionRegistry
 from services.sessions.servicer import SessionsServicer
 from services.tts.engine import TtsEngine
 from services.turn.engine import TurnEngine
@@ -60,6 +60,7 @@ async def server(engines: Engines) -> AsyncIterator[tuple[str, SessionRegistry]]
     await srv.start()
     yield f"127.0.0.1:{port}", registry
     await srv.stop(None)
+    await registry.close()
 
 
 async def test_full_turn_over_grpc(
@@ -200,7 +201,7 @@ async def test_client_disconnect_mid_turn_stops_the_reply_and_keeps_the_session(
             if ev.WhichOneof("event") == "avatar_speech":
                 break
         await lost.close(None)
-        record = registry.get(session.session_id)
+        record = registry.get(LOCAL_TENANT, session.session_id)
         conv = record.conversation
         assert conv is not None
         for _ in range(100):  # the server notices the cancellation within a few ms

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 from parley import clock
 from parley.audio import resample
+from parley.visemes import Phoneme, phonemes_from
 
 from loadtest.replay import word_error_rate
 from services.asr.engine import AsrEngine
 from services.llm.engine import LlmEngine
+from services.render.config import RenderConfig
+from services.render.engine import RenderEngine
 from services.sessions.conversation import (
     AvatarAudioEvent,
     AvatarTextEvent,
@@ -140,7 +143,12 @@ async def test_speculation_is_dropped_when_the_user_goes_on(
 async def test_backchannel_pauses_the_avatar_and_it_goes_on(
     engines: Engines, tts_engine: TtsEngine
 ) -> None:
-    conv = Conversation(engines, "You are a storyteller. Tell long stories.")
+    # With an avatar: the rest of the paused clause goes back on its timeline.
+    render = RenderEngine(RenderConfig(width=64, height=64))
+    await render.start()
+    conv = Conversation(
+        replace(engines, render=render), "You are a storyteller. Tell long stories."
+    )
     drive = Driver(conv)
     await drive.push(silence(0.25))
     await drive.push(await user_says(tts_engine, "Tell me a long story about a dragon."))
@@ -162,7 +170,10 @@ async def test_backchannel_pauses_the_avatar_and_it_goes_on(
     await drive.push(await user_says(tts_engine, "What is the capital of France?"))
     assert await drive.quiet_until(lambda: len(drive.traces()) >= 2, 30)
     assert "okay" not in drive.traces()[-1].user_text.lower()
+    avatar = conv.avatar
+    assert avatar is not None and avatar.speech_end_s > 0
     await conv.close()
+    await render.close()
 
 
 async def test_silence_and_noise_start_no_turn(engines: Engines) -> None:
@@ -217,3 +228,10 @@ async def test_talker_who_never_stops_is_capped_and_the_session_recovers(
     assert await drive.quiet_until(lambda: len(drive.traces()) > before, 30)
     assert "capital" in drive.traces()[-1].user_text.lower()
     await conv.close()
+
+
+def test_phonemes_from_keeps_the_rest_of_a_clause() -> None:
+    ph = [Phoneme("h", "kk", 0, 100), Phoneme("e", "E", 100, 100), Phoneme("l", "nn", 200, 50)]
+    rest = phonemes_from(ph, 150)
+    assert rest == [Phoneme("e", "E", 0, 50), Phoneme("l", "nn", 50, 50)]
+    assert phonemes_from(ph, 0) == ph and phonemes_from(ph, 250) == []

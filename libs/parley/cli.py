@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--http-port", type=int, default=None)
     srv.add_argument("--apps", default="", help="comma-separated subset of applications")
 
-    from parley import keys_cli
+    from parley import keys_cli, talk_cli
 
     keys_cli.register(sub)
+    talk_cli.register(sub)
 
     corpus = sub.add_parser("corpus", help="build test corpora")
     corpus_sub = corpus.add_subparsers(dest="corpus", required=True)
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             return turn_eval.main(argv_turns)
         elif args.command == "keys":
             return keys_cli.run(args)
+        elif args.command == "talk":
+            return talk_cli.run(args)
         elif args.command == "serve":
             serve(args.config, args.grpc_port, args.http_port, args.apps)
         elif args.command == "corpus" and args.corpus == "real":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -14,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from parley import metrics
-from parley.errors import InvalidInput, ModelUnavailable
+from parley.errors import InvalidInput, ModelUnavailable, RequestRefused
 
 T = TypeVar("T")
 
@@ -22,12 +23,33 @@ T = TypeVar("T")
 MAX_MESSAGE_BYTES = 4 << 20
 
 
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+#: The errors a handler may raise for the caller to see, each mapped to a status.
+MAPPED_ERRORS = (InvalidInput, ModelUnavailable, RequestRefused)
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, InvalidInput):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ModelUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
-    return None
+    if isinstance(exc, RequestRefused):
+        return getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.UNKNOWN), str(exc)
+    return grpc.StatusCode.UNKNOWN, str(exc)
+
+
+def _trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """`retry-after` (whole seconds) when the error knows when a retry can succeed."""
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if isinstance(retry_after_s, int | float) and retry_after_s > 0:
+        return (("retry-after", str(math.ceil(retry_after_s))),)
+    return ()
+
+
+async def abort_with(exc: BaseException, context: grpc.aio.ServicerContext, service: str) -> None:
+    """End the call with the status of a `MAPPED_ERRORS` error (counted per service)."""
+    metrics.INPUT_ERRORS.labels(service).inc()
+    code, msg = _status_for(exc)
+    await context.abort(code, msg, _trailers_for(exc))
 
 
 def unary(service: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
@@ -38,10 +60,8 @@ def unary(service: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[...,
         async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
             try:
                 return await fn(self, request, context)
-            except (InvalidInput, ModelUnavailable) as exc:
-                metrics.INPUT_ERRORS.labels(service).inc()
-                code, msg = _status_for(exc)  # type: ignore[misc]
-                await context.abort(code, msg)
+            except MAPPED_ERRORS as exc:
+                await abort_with(exc, context, service)
                 raise  # unreachable: abort raises
 
         return handler
@@ -62,10 +82,8 @@ def streaming(
             try:
                 async for item in fn(self, request, context):
                     yield item
-            except (InvalidInput, ModelUnavailable) as exc:
-                metrics.INPUT_ERRORS.labels(service).inc()
-                code, msg = _status_for(exc)  # type: ignore[misc]
-                await context.abort(code, msg)
+            except MAPPED_ERRORS as exc:
+                await abort_with(exc, context, service)
 
         return handler
 
@@ -75,7 +93,9 @@ def streaming(
 _END = object()
 
 
-async def relay(produce: Callable[[Callable[[T], None]], Awaitable[None]]) -> AsyncIterator[T]:
+async def relay(
+    produce: Callable[[Callable[[T], None]], Awaitable[None]],
+) -> AsyncGenerator[T, None]:
     """Run `produce(emit)` as a task and yield what it emits, in order, until it returns.
 
     Bidirectional handlers read their request stream inside `produce` while results
@@ -102,7 +122,7 @@ async def relay(produce: Callable[[Callable[[T], None]], Awaitable[None]]) -> As
                 await task
 
 
-async def forward_while(events: asyncio.Queue[T], read: Awaitable[None]) -> AsyncIterator[T]:
+async def forward_while(events: asyncio.Queue[T], read: Awaitable[None]) -> AsyncGenerator[T, None]:
     """Yield what a stream engine queues in `events` while `read` consumes the requests.
 
     Once `read` returns (the client half-closed and the engine finished), the

@@ -44,11 +44,11 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import ClassVar, Self, cast
+from typing import Self, cast
 
 from redis.asyncio import Redis
 
-from parley.errors import InvalidInput
+from parley.errors import InvalidInput, RequestRefused
 
 DEFAULT_PREFIX = "parley:"
 KEY_PREFIX = "pk_"
@@ -71,15 +71,12 @@ _MAX_PRESENTED_CHARS = 256
 # --------------------------------------------------------------------------- errors
 
 
-class TenancyError(Exception):
+class TenancyError(RequestRefused):
     """A request refused for who is asking or for the tenant's limits.
 
     Not an `InvalidInput`: the servicers map that to INVALID_ARGUMENT, and these need
     their own statuses. The message is shown to the caller.
     """
-
-    grpc_status: ClassVar[str] = "UNKNOWN"
-    http_status: ClassVar[int] = 500
 
 
 class Unauthenticated(TenancyError):

@@ -52,3 +52,16 @@ class Phoneme:
 def shift_phonemes(phonemes: Iterable[Phoneme], delta: int) -> list[Phoneme]:
     """The same phonemes `delta` samples later (e.g. from clause to stream positions)."""
     return [Phoneme(p.phoneme, p.viseme, p.start_sample + delta, p.num_samples) for p in phonemes]
+
+
+def phonemes_from(phonemes: Iterable[Phoneme], offset: int) -> list[Phoneme]:
+    """The phonemes of audio from sample `offset` on, relative to it; the one under way
+    at `offset` keeps its remaining part (speech resumed mid-clause)."""
+    out = []
+    for p in phonemes:
+        end = p.start_sample + p.num_samples
+        if end <= offset:
+            continue
+        start = max(p.start_sample, offset)
+        out.append(Phoneme(p.phoneme, p.viseme, start - offset, end - start))
+    return out

@@ -16,7 +16,10 @@ class AsrConfig(BaseModel):
     #: "auto" picks CUDA when CTranslate2 sees a GPU.
     device: str = "auto"
     compute_type: str = "int8"
-    threads: int = Field(default=2, ge=1, le=64)
+    #: One: faster than two on 2 cores (72 vs 80 ms per decode), and CTranslate2's
+    #: 2-thread OpenMP pool made llama.cpp's tokens 3x slower in the same process
+    #: (31 vs 10 ms per token; docs/benchmarks.md).
+    threads: int = Field(default=1, ge=1, le=64)
     language: str = "en"
     #: Whisper is trained on 30 s windows; we encode only the utterance (plus padding)
     #: but never less than this many seconds: shorter windows make it repeat itself
@@ -26,8 +29,10 @@ class AsrConfig(BaseModel):
     partial_interval_s: float = Field(default=0.5, ge=0.1)
     #: Silence after which the VAD reports a stop and the whole utterance is decoded
     #: (the transcript the turn detector and a speculative reply wait for). Shorter
-    #: gives the words sooner but decodes more often inside speech (short gaps).
-    stop_decode_ms: int = Field(default=96, ge=32, le=2000)
+    #: gives the words sooner but decodes more often inside speech (short gaps): on
+    #: the turn case set, 32 ms put the end of turn 38 ms earlier at p50 than 96 ms,
+    #: with the same false cut-ins (docs/benchmarks.md).
+    stop_decode_ms: int = Field(default=32, ge=32, le=2000)
     #: Without an explicit finalize, an utterance ends after this much silence.
     endpoint_silence_s: float = Field(default=0.8, ge=0.1)
     #: Utterances are cut (finalized) at this length; Whisper sees at most 30 s.

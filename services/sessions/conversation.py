@@ -37,7 +37,7 @@ import numpy as np
 from parley import clock, metrics
 from parley.errors import InvalidInput
 from parley.vad import SAMPLE_RATE
-from parley.visemes import Phoneme, shift_phonemes
+from parley.visemes import Phoneme, phonemes_from, shift_phonemes
 
 from services.asr.engine import Activity, AsrEngine, Transcript
 from services.llm.engine import ChatMessage, GenerationStats, LlmEngine
@@ -64,6 +64,9 @@ OUTPUT_LEAD_S = 0.04
 #: User speech over the avatar that lasts longer than this is no backchannel: the
 #: paused reply is cancelled without waiting for the words ("mm-hm" takes ~0.3-0.6 s).
 BACKCHANNEL_MAX_S = 1.0
+#: A held speculative reply starts generating when the detector will wait at least
+#: this much more silence before it decides.
+SPECULATE_WAIT_S = 0.15
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +143,17 @@ class SpeculationStats:
 
 @dataclass(slots=True)
 class _Speculation:
+    """A reply to a pause's words. It generates as soon as the detector says it will
+    wait for more silence (then it is ready when the wait ends), or when the turn
+    ends on those words. Started any earlier, it only slowed the models deciding the
+    turn (2 cores; measured: +50-120 ms u2u p50, docs/benchmarks.md); reading its
+    prompt ahead cost more (a llama.cpp state snapshot) than it saved."""
+
     text: str  # the words it answers
     trace: TurnTrace  # milestones while held back; adopted by the turn on a hit
     stats: GenerationStats
-    release: asyncio.Event
+    release: asyncio.Event  # may speak
+    generate: asyncio.Event  # may generate
     started_at: float
     task: asyncio.Task[None] | None = None
 
@@ -237,6 +247,7 @@ class Conversation:
             await self.turn_stream.update_transcript(transcript, audio_end_s=end)
         for ev in await self.turn_stream.push(samples):
             self._on_turn_event(ev, now - (self.position / SAMPLE_RATE - ev.at_s), now)
+        self._generate_if_waiting()
         if (
             self._paused_since is not None
             and self.turn_stream.detector.vad.speaking
@@ -244,23 +255,26 @@ class Conversation:
         ):
             self._cancel_paused_reply()  # too long for "mm-hm": a real interruption
 
-    def _drain_asr(self) -> list[str]:
-        """New transcripts of the turn so far (finals + latest partial), oldest first."""
+    def _drain_asr(self, turn: int | None = None) -> list[str]:
+        """New transcripts of the turn so far (finals + latest partial), oldest first.
+
+        `turn`: the turn they belong to, when it has already ended (its final).
+        """
         texts = []
         while not self.asr.events.empty():
             ev = self.asr.events.get_nowait()
             if isinstance(ev, Activity):
                 continue
-            texts.append(self._on_transcript(ev))
+            texts.append(self._on_transcript(ev, self._trace.turn if turn is None else turn))
         return texts
 
-    def _on_transcript(self, ev: Transcript) -> str:
+    def _on_transcript(self, ev: Transcript, turn: int) -> str:
         if ev.is_final:
             self._finals.append(ev.text)
             self._trace.asr_decode_s = ev.decode_s
         self._transcript_end = ev.audio_end_s
         text = " ".join([*self._finals, "" if ev.is_final else ev.text]).strip()
-        self._emit(UserTranscriptEvent(text, ev.is_final, self._trace.turn))
+        self._emit(UserTranscriptEvent(text, ev.is_final, turn))
         return text
 
     def _on_turn_event(self, ev: DetectorEvent, at_wall: float, now: float) -> None:
@@ -295,20 +309,21 @@ class Conversation:
                 # one reply at a time, to the newest words.
                 self._reply.cancel()
             trace, self._trace = self._trace, TurnTrace(turn=self._trace.turn + 1)
-            trace.end_of_turn = now
+            trace.end_of_turn = clock.now()  # after the model calls this frame waited for
             if not trace.speech_end:
                 trace.speech_end = at_wall
             trace.end_of_turn_reason = ev.reason
             trace.extra["end_of_turn_p"] = ev.probability
             spec, self._spec = self._spec, None
             self._reply = asyncio.create_task(self._respond(trace, spec))
+            self._reply.add_done_callback(_log_reply_failure)
 
     # -- speculation ----------------------------------------------------------------------
     def _start_speculation(self, text: str) -> None:
         user_text = " ".join([self._carry_text, text]).strip()
         spec = _Speculation(
             user_text, TurnTrace(turn=self._trace.turn), GenerationStats(), asyncio.Event(),
-            clock.now(),
+            asyncio.Event(), clock.now(),
         )  # fmt: skip
         self.speculation.started += 1
         metrics.SPECULATIONS.labels("started").inc()
@@ -317,7 +332,16 @@ class Conversation:
         self._spec = spec
 
     async def _speak_when_released(self, spec: _Speculation, messages: list[ChatMessage]) -> None:
+        await spec.generate.wait()
         await self._reply_to(spec.trace, spec.text, messages, spec.stats, spec.release)
+
+    def _generate_if_waiting(self) -> None:
+        """Let a held reply generate once the detector will wait out a pause."""
+        spec, detector = self._spec, self.turn_stream.detector
+        if spec is None or spec.generate.is_set() or not detector.probability:
+            return
+        if detector.config.required_silence(detector.probability) >= SPECULATE_WAIT_S:
+            spec.generate.set()
 
     def _drop_speculation(self) -> None:
         spec, self._spec = self._spec, None
@@ -389,7 +413,7 @@ class Conversation:
 
     async def _answer(self, trace: TurnTrace, spec: _Speculation | None) -> None:
         final = await self.asr.finalize()
-        self._drain_asr()
+        self._drain_asr(trace.turn)
         trace.asr_final = clock.now()
         if final is not None and not self._finals:
             self._finals.append(final.text)
@@ -405,10 +429,12 @@ class Conversation:
             metrics.SPECULATIONS.labels("hit").inc()
             assert spec.task is not None
             spec.trace.turn, spec.trace.speech_end = trace.turn, trace.speech_end
+            spec.trace.end_of_turn_reason = trace.end_of_turn_reason
             spec.trace.end_of_turn, spec.trace.asr_final = trace.end_of_turn, trace.asr_final
             spec.trace.asr_decode_s = trace.asr_decode_s
             spec.trace.extra.update(trace.extra, speculated=1.0,
                                     speculation_lead_s=trace.end_of_turn - spec.started_at)  # fmt: skip
+            spec.generate.set()
             spec.release.set()
             await spec.task  # a barge-in cancels this task, and so the awaited reply
             return
@@ -513,21 +539,6 @@ class Conversation:
             self._reply_speaking = True
             spoken.append(speech.text)
             for frame in _frames(speech):
-                if not self._output_open.is_set():
-                    paused = clock.now()
-                    await self._output_open.wait()  # resumed (a backchannel), or cancelled
-                    if clock_start is not None:
-                        clock_start += clock.now() - paused
-                    if self.avatar is not None:
-                        # The rest of this clause goes on the avatar from now.
-                        avatar_offset = self._avatar_offset(speech.sample_rate)
-                        rest = Speech(
-                            samples=speech.samples[frame.offset :],
-                            sample_rate=speech.sample_rate,
-                            phonemes=shift_phonemes(speech.phonemes, -frame.offset),
-                            text=speech.text,
-                        )
-                        self._place_on_avatar(rest, self.output_position + avatar_offset)
                 if clock_start is None:
                     clock_start = clock.now()
                     trace.first_output = clock_start
@@ -535,6 +546,21 @@ class Conversation:
                 delay = clock_start + sent - OUTPUT_LEAD_S - clock.now()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                # Checked after the pacing wait: user speech during it pauses this frame too.
+                if not self._output_open.is_set():
+                    paused = clock.now()
+                    await self._output_open.wait()  # resumed (a backchannel), or cancelled
+                    clock_start += clock.now() - paused
+                    if self.avatar is not None:
+                        # The rest of this clause goes on the avatar from now.
+                        avatar_offset = self._avatar_offset(speech.sample_rate)
+                        rest = Speech(
+                            samples=speech.samples[frame.offset :],
+                            sample_rate=speech.sample_rate,
+                            phonemes=phonemes_from(speech.phonemes, frame.offset),
+                            text=speech.text,
+                        )
+                        self._place_on_avatar(rest, self.output_position + avatar_offset)
                 self._emit(frame._replace_turn(trace.turn, self.output_position))
                 self.output_position += len(frame.samples)
                 sent += len(frame.samples) / frame.sample_rate
@@ -632,6 +658,12 @@ def _same_words(a: str, b: str) -> bool:
         return ["".join(c for c in w if c.isalnum() or c == "'") for w in text.lower().split()]
 
     return [w for w in words(a) if w] == [w for w in words(b) if w]
+
+
+def _log_reply_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # The session goes on (the next turn gets a new reply); the error is not lost.
+        log.error("reply failed", exc_info=task.exception())
 
 
 def _log_prefill_failure(task: asyncio.Task[int]) -> None:

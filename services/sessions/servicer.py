@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 from parley import rpc, wire
 from parley.errors import InvalidInput
+from parley.tenancy import Principal
 from parley.v1 import sessions_pb2, sessions_pb2_grpc
 
+from services.sessions import gateway
 from services.sessions.conversation import (
     AvatarAudioEvent,
     AvatarTextEvent,
@@ -17,7 +20,7 @@ from services.sessions.conversation import (
     TurnDoneEvent,
     UserTranscriptEvent,
 )
-from services.sessions.registry import SessionNotFound, SessionRecord, SessionRegistry
+from services.sessions.registry import SessionRecord, SessionRegistry
 
 
 def session_to_proto(r: SessionRecord) -> sessions_pb2.Session:
@@ -68,36 +71,46 @@ def event_to_proto(ev: ConversationEvent) -> sessions_pb2.ServerEvent:
 
 
 class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
+    """`parley.v1.Sessions` over a registry; every call acts for the tenant of its API key.
+
+    The key is checked here, at the start of each method, rather than in a server
+    interceptor: Ray Serve's gRPC ingress runs these methods without our server (and
+    its interceptors), but passes the metadata. Health checking and reflection are
+    other services on the same server and stay open.
+    """
+
     def __init__(self, registry: SessionRegistry) -> None:
         self.registry = registry
 
-    async def _get(self, session_id: str, context: grpc.aio.ServicerContext) -> SessionRecord:
-        try:
-            return self.registry.get(session_id)
-        except SessionNotFound as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-            raise
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Principal:
+        metadata = context.invocation_metadata() or ()
+        headers = [(k, v) for k, v in metadata if isinstance(v, str)]
+        return await gateway.authenticate(self.registry, gateway.api_key_from_headers(headers))
 
     @rpc.unary("sessions")
     async def CreateSession(self, request, context):
-        return session_to_proto(
-            self.registry.create(request.avatar_id, request.persona_prompt, request.voice)
+        caller = await self._caller(context)
+        record = await self.registry.create(
+            caller.tenant, request.avatar_id, request.persona_prompt, request.voice
         )
+        return session_to_proto(record)
 
     @rpc.unary("sessions")
     async def GetSession(self, request, context):
-        return session_to_proto(await self._get(request.session_id, context))
+        caller = await self._caller(context)
+        return session_to_proto(self.registry.get(caller.tenant, request.session_id))
 
     @rpc.unary("sessions")
     async def ListSessions(self, request, context):
+        caller = await self._caller(context)
         return sessions_pb2.ListSessionsResponse(
-            sessions=[session_to_proto(r) for r in self.registry.list()]
+            sessions=[session_to_proto(r) for r in self.registry.list(caller.tenant)]
         )
 
     @rpc.unary("sessions")
     async def EndSession(self, request, context):
-        await self._get(request.session_id, context)
-        return session_to_proto(await self.registry.end(request.session_id))
+        caller = await self._caller(context)
+        return session_to_proto(await self.registry.end(caller.tenant, request.session_id))
 
     @rpc.streaming("sessions")
     async def Converse(
@@ -105,39 +118,21 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         request_iterator: AsyncIterator[sessions_pb2.ClientEvent],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[sessions_pb2.ServerEvent]:
+        caller = await self._caller(context)
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first Converse message must be a ConverseStart")
-        record = await self._get(first.start.session_id, context)
-        if not record.active or record.conversation is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "session has ended")
-        if record.streaming:
-            await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS, "session already has a Converse stream"
-            )
-        conv = record.conversation
-        assert conv is not None
-        record.streaming = True
+        record = self.registry.get(caller.tenant, first.start.session_id)
 
-        closed_cleanly = False
-
-        async def read() -> None:
-            nonlocal closed_cleanly
+        async def audio_in() -> AsyncIterator[np.ndarray]:
             async for msg in request_iterator:
                 if msg.WhichOneof("event") != "audio":
                     raise InvalidInput("after ConverseStart, send only audio")
-                await conv.push_audio(wire.audio_from_proto(msg.audio))
-            # The request stream also ends when the client goes away: tell that from a half-close.
-            if context.cancelled():
-                return
-            await conv.wait_idle()  # half-closed: finish the reply in progress
-            closed_cleanly = True
+                yield wire.audio_from_proto(msg.audio)
 
-        try:
-            async for event in rpc.forward_while(conv.events, read()):
-                yield event_to_proto(event)
-        finally:
-            if not closed_cleanly:
-                # Disconnected, cancelled or a bad message: nobody hears the reply in progress.
-                await asyncio.shield(conv.drop_stream())
-            record.streaming = False
+        async with gateway.claim_stream(record) as conversation:
+            # The request stream also ends when the client goes away: tell that from a half-close.
+            events = gateway.relay(record, conversation, audio_in(), client_left=context.cancelled)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event_to_proto(event)

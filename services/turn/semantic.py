@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 from parley.errors import InvalidInput, ModelUnavailable
+from parley.llama_load import load_llama
 
 #: Input cap: only the last MAX_CHARS characters of a transcript are read (the end of
 #: a turn is what decides whether it is over; a monologue must not overflow n_ctx).
@@ -162,14 +163,13 @@ class SemanticTurnModel:
         system_prompt: str | None = None,
         memo_size: int = 256,
     ) -> None:
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         path = Path(model_path) if model_path else bundled_model_path()
         if not path.is_file():
             raise ModelUnavailable(f"end-of-turn model file {path} does not exist")
         try:
-            self._llama: Any = Llama(
+            self._llama: Any = load_llama(
                 model_path=str(path),
                 n_ctx=N_CTX,
                 n_batch=N_CTX,

@@ -87,11 +87,11 @@ class LlamaCppBackend:
         await loop.run_in_executor(self._executor, self._load)
 
     def _load(self) -> None:
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        from parley.llama_load import load_llama
 
         try:
-            llama = Llama(
+            llama = load_llama(
                 model_path=str(self.model_path),
                 n_ctx=self.config.n_ctx,
                 n_threads=self.config.threads,

@@ -1,0 +1,121 @@
+"""What the gRPC servicer and the HTTP app share: who is calling, and relaying a stream.
+
+Both transports authenticate with the same API key headers and relay a Converse stream
+the same way: claim the session (one stream at a time), push the client's audio into
+its conversation, send the conversation's events back, and on an unclean end
+(disconnect, bad message) drop what the stream left behind so the session starts the
+next stream clean. Only decoding client messages and encoding events differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+
+import numpy as np
+from parley import rpc
+from parley.tenancy import Principal, Unauthenticated
+
+from services.sessions.conversation import Conversation, ConversationEvent
+from services.sessions.registry import (
+    LOCAL_TENANT,
+    SessionEnded,
+    SessionRecord,
+    SessionRegistry,
+    StreamInUse,
+    tenancy_errors,
+)
+
+#: Who every caller is when the registry has no `TenancyStore` (in-process use).
+LOCAL_PRINCIPAL = Principal(tenant=LOCAL_TENANT, key_id="")
+
+AUTHORIZATION = "authorization"
+X_API_KEY = "x-api-key"
+
+
+def api_key_from_headers(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The API key in `authorization: Bearer <key>` or `x-api-key: <key>`; None if neither.
+
+    Header names are matched case-insensitively. Two different keys, or an
+    `authorization` header of another scheme, are refused rather than guessed at.
+    """
+    keys: set[str] = set()
+    for name, value in headers:
+        name = name.lower()
+        if name == AUTHORIZATION:
+            scheme, _, credentials = value.strip().partition(" ")
+            if scheme.lower() != "bearer" or not credentials.strip():
+                raise Unauthenticated("the authorization header must be 'Bearer <API key>'")
+            keys.add(credentials.strip())
+        elif name == X_API_KEY:
+            keys.add(value.strip())
+    if len(keys) > 1:
+        raise Unauthenticated("the request carries more than one API key; send one")
+    return keys.pop() if keys else None
+
+
+async def authenticate(registry: SessionRegistry, api_key: str | None) -> Principal:
+    """The caller behind `api_key` (`Unauthenticated` if none or not valid).
+
+    Without a `TenancyStore` every caller is `LOCAL_PRINCIPAL`, key or not.
+    """
+    if registry.tenancy is None:
+        return LOCAL_PRINCIPAL
+    with tenancy_errors():
+        return await registry.tenancy.authenticate(api_key)
+
+
+@contextlib.asynccontextmanager
+async def claim_stream(record: SessionRecord) -> AsyncIterator[Conversation]:
+    """Hold the session's one stream slot while the block runs; its conversation inside.
+
+    `SessionEnded` or `StreamInUse` when the session cannot take a stream.
+    """
+    if not record.active or record.conversation is None:
+        raise SessionEnded(f"session {record.session_id!r} has ended")
+    if record.streaming:
+        raise StreamInUse(f"session {record.session_id!r} already has a Converse stream")
+    record.streaming = True
+    try:
+        yield record.conversation
+    finally:
+        record.streaming = False
+
+
+async def relay(
+    record: SessionRecord,
+    conversation: Conversation,
+    audio_in: AsyncIterator[np.ndarray],
+    *,
+    client_left: Callable[[], bool],
+) -> AsyncGenerator[ConversationEvent, None]:
+    """Push `audio_in` (validated 16 kHz float32) into the conversation; yield its events.
+
+    When `audio_in` ends, the client either half-closed (`client_left()` is False: the
+    reply in progress is finished and its events sent before this ends) or went away.
+    An error raised by `audio_in` (a bad message) ends this with that error, after the
+    events before it. Use under `claim_stream`, and close it with `contextlib.aclosing`
+    so that the clean-up below runs when the consumer stops early.
+    """
+    closed_cleanly = False
+
+    async def read() -> None:
+        nonlocal closed_cleanly
+        async for samples in audio_in:
+            if not record.active:
+                raise SessionEnded(f"session {record.session_id!r} has ended")
+            await conversation.push_audio(samples)
+        if client_left():
+            return
+        await conversation.wait_idle()  # half-closed: finish the reply in progress
+        closed_cleanly = True
+
+    try:
+        async with contextlib.aclosing(rpc.forward_while(conversation.events, read())) as events:
+            async for event in events:
+                yield event
+    finally:
+        if not closed_cleanly and record.active:
+            # Disconnected, cancelled or a bad message: nobody hears the reply in progress.
+            await asyncio.shield(conversation.drop_stream())
