@@ -9,6 +9,7 @@ import pytest
 from services.asr.engine import AsrEngine
 from services.llm.config import LlmConfig
 from services.llm.engine import LlmEngine
+from services.sessions.conversation import Engines
 from services.tts.engine import TtsEngine
 from services.turn.engine import TurnEngine
 
@@ -43,3 +44,12 @@ async def turn_engine(asr_engine: AsrEngine) -> AsyncIterator[TurnEngine]:
     await engine.start()
     yield engine
     await engine.close()
+
+
+@pytest.fixture(scope="session")
+def engines(
+    asr_engine: AsrEngine, llm_engine: LlmEngine, tts_engine: TtsEngine, turn_engine: TurnEngine
+) -> Engines:
+    """The shared engines as a conversation takes them (voice only; add a renderer with
+    `dataclasses.replace(engines, render=...)`)."""
+    return Engines(asr=asr_engine, llm=llm_engine, tts=tts_engine, turn=turn_engine)

@@ -37,24 +37,14 @@ from parley.visemes import VISEMES, Phoneme
 from redis_support import RedisServer, free_port, redis_server  # noqa: F401  (a fixture)
 
 from loadtest.replay import word_error_rate
-from services.asr.engine import AsrEngine
-from services.llm.engine import LlmEngine
 from services.sessions.conversation import Engines
 from services.sessions.registry import SessionRegistry
 from services.sessions.servicer import SessionsServicer
 from services.tts.engine import TtsEngine
-from services.turn.engine import TurnEngine
 
 SR = 16_000
 AVATAR_RATE = 24_000
 PERSONA = "You answer in one short sentence."
-
-
-@pytest.fixture(scope="module")
-def engines(
-    asr_engine: AsrEngine, llm_engine: LlmEngine, tts_engine: TtsEngine, turn_engine: TurnEngine
-) -> Engines:
-    return Engines(asr=asr_engine, llm=llm_engine, tts=tts_engine, turn=turn_engine)
 
 
 @pytest.fixture(scope="module")

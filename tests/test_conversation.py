@@ -14,8 +14,6 @@ from parley.audio import float_to_pcm16, resample
 from parley.v1 import audio_pb2, sessions_pb2, sessions_pb2_grpc
 
 from loadtest.replay import word_error_rate
-from services.asr.engine import AsrEngine
-from services.llm.engine import LlmEngine
 from services.render.config import RenderConfig
 from services.render.engine import RenderEngine
 from services.sessions.conversation import (
@@ -28,17 +26,9 @@ from services.sessions.conversation import (
 from services.sessions.registry import LOCAL_TENANT, SessionRegistry
 from services.sessions.servicer import SessionsServicer
 from services.tts.engine import TtsEngine
-from services.turn.engine import TurnEngine
 
 SR = 16_000
 FRAME = 320
-
-
-@pytest.fixture(scope="module")
-def engines(
-    asr_engine: AsrEngine, llm_engine: LlmEngine, tts_engine: TtsEngine, turn_engine: TurnEngine
-) -> Engines:
-    return Engines(asr=asr_engine, llm=llm_engine, tts=tts_engine, turn=turn_engine)
 
 
 async def user_says(tts: TtsEngine, text: str) -> np.ndarray:

@@ -23,25 +23,15 @@ from parley.tenancy import TenancyStore, TenantLimits
 from parley.v1 import sessions_pb2, sessions_pb2_grpc
 from redis_support import RedisServer, redis_server  # noqa: F401  (a fixture)
 
-from services.asr.engine import AsrEngine
-from services.llm.engine import LlmEngine
 from services.sessions import http
 from services.sessions.conversation import Engines
 from services.sessions.registry import SessionRegistry
 from services.sessions.servicer import SessionsServicer
 from services.tts.engine import TtsEngine
-from services.turn.engine import TurnEngine
 
 SR = 16_000
 FRAME = 320  # 20 ms
 AVATAR_RATE = 24_000
-
-
-@pytest.fixture(scope="module")
-def engines(
-    asr_engine: AsrEngine, llm_engine: LlmEngine, tts_engine: TtsEngine, turn_engine: TurnEngine
-) -> Engines:
-    return Engines(asr=asr_engine, llm=llm_engine, tts=tts_engine, turn=turn_engine)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,11 @@ import asyncio
 from dataclasses import replace
 
 import numpy as np
-import pytest
 from parley import clock
 from parley.audio import resample
 from parley.visemes import Phoneme, phonemes_from
 
 from loadtest.replay import word_error_rate
-from services.asr.engine import AsrEngine
-from services.llm.engine import LlmEngine
 from services.render.config import RenderConfig
 from services.render.engine import RenderEngine
 from services.sessions.conversation import (
@@ -32,17 +29,9 @@ from services.sessions.conversation import (
 from services.sessions.trace import TurnTrace
 from services.tts.engine import TtsEngine
 from services.turn.detector import ParleyTurnConfig
-from services.turn.engine import TurnEngine
 
 SR = 16_000
 FRAME = 320
-
-
-@pytest.fixture(scope="module")
-def engines(
-    asr_engine: AsrEngine, llm_engine: LlmEngine, tts_engine: TtsEngine, turn_engine: TurnEngine
-) -> Engines:
-    return Engines(asr=asr_engine, llm=llm_engine, tts=tts_engine, turn=turn_engine)
 
 
 async def user_says(tts: TtsEngine, text: str) -> np.ndarray:
