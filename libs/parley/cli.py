@@ -163,7 +163,9 @@ def serve(config: Path | None, grpc_port: int | None, http_port: int | None, app
         addresses = parley_serve.deploy(schema)
         print(f"parley: serving {', '.join(addresses.applications)}"
               f" in {time.monotonic() - started:.1f} s")  # fmt: skip
-        print(f"  gRPC  {addresses.grpc}  (metadata application=<name>)")
+        # Serve 2.60 binds the gRPC port on every interface (it has no host option).
+        print(f"  gRPC  {addresses.grpc}  (metadata application=<name>; listening on ALL"
+              " interfaces: firewall it)")  # fmt: skip
         print(f"  HTTP  {addresses.http}")
         print("Ctrl-C stops.", flush=True)
         while True:
