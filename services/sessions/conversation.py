@@ -243,10 +243,10 @@ class Conversation:
             # A reply may start on these words while the models score them.
             end = self._transcript_end
             for ev in await self.turn_stream.speculate(transcript, audio_end_s=end):
-                self._on_turn_event(ev, clock.now(), clock.now())
+                self._on_turn_event(ev, clock.now())
             await self.turn_stream.update_transcript(transcript, audio_end_s=end)
         for ev in await self.turn_stream.push(samples):
-            self._on_turn_event(ev, now - (self.position / SAMPLE_RATE - ev.at_s), now)
+            self._on_turn_event(ev, now - (self.position / SAMPLE_RATE - ev.at_s))
         self._generate_if_waiting()
         if (
             self._paused_since is not None
@@ -277,7 +277,7 @@ class Conversation:
         self._emit(UserTranscriptEvent(text, ev.is_final, turn))
         return text
 
-    def _on_turn_event(self, ev: DetectorEvent, at_wall: float, now: float) -> None:
+    def _on_turn_event(self, ev: DetectorEvent, at_wall: float) -> None:
         kind = ev.kind
         if kind is EventKind.SPEECH_START:
             self._drop_speculation()
@@ -285,7 +285,7 @@ class Conversation:
                 if self._reply_speaking and self._paused_since is None:
                     self._pause_reply(at_wall)
                 elif not self._reply_speaking:
-                    self._cancel_reply(at_wall)  # nothing said yet: the user was not done
+                    self._cancel_reply()  # nothing said yet: the user was not done
         elif kind is EventKind.SPEECH_END:
             self._trace.speech_end = at_wall
         elif kind is EventKind.SPECULATE:
@@ -360,8 +360,7 @@ class Conversation:
         """User speech over the avatar: silence it now; the words decide what follows."""
         self._output_open.clear()
         self._paused_since = speech_start_wall
-        if self.avatar is not None:
-            self.avatar.clear(clock.now() - self._started)
+        self._clear_avatar()
         trace = self.traces[-1] if self.traces else None
         if trace is not None:
             trace.interruption_stop_s = clock.now() - speech_start_wall
@@ -396,10 +395,14 @@ class Conversation:
             self._reply.cancel()
         self._output_open.set()
 
-    def _cancel_reply(self, speech_start_wall: float) -> None:
+    def _cancel_reply(self) -> None:
         """The user speaks before the reply said anything: drop it, keep their words."""
         assert self._reply is not None
         self._reply.cancel()
+        self._clear_avatar()
+
+    def _clear_avatar(self) -> None:
+        """Drop the avatar's queued speech from now on (its mouth glides to rest)."""
         if self.avatar is not None:
             self.avatar.clear(clock.now() - self._started)
 
@@ -631,8 +634,7 @@ class Conversation:
         self._paused_since = None
         self._output_open.set()
         self._trace = TurnTrace(turn=self._trace.turn)
-        if self.avatar is not None:
-            self.avatar.clear(clock.now() - self._started)
+        self._clear_avatar()
         while not self.events.empty():
             self.events.get_nowait()
 
