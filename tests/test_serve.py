@@ -1,13 +1,14 @@
 """The stage services as Ray Serve deployments, over Serve's real gRPC ingress on loopback.
 
 One small local Ray cluster (2 logical CPUs, no dashboard) runs the applications
-of `deploy/serve/parley.yaml` on free ports; every call names its application
+of `deploy/helm/parley/files/serve-config.yaml` on free ports; every call names its application
 in the `application` metadata, as clients of `parley serve` do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -20,7 +21,9 @@ pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip instal
 
 from parley import serve as parley_serve
 from parley import wire
-from parley.audio import pcm16_to_float, resample
+from parley.audio import float_to_pcm16, pcm16_to_float, resample
+from parley.client import ParleyClient, ParleyError, collect
+from parley.tenancy import TenancyStore
 from parley.v1 import (
     asr_pb2,
     asr_pb2_grpc,
@@ -28,13 +31,17 @@ from parley.v1 import (
     llm_pb2_grpc,
     render_pb2,
     render_pb2_grpc,
+    sessions_pb2,
+    sessions_pb2_grpc,
     tts_pb2,
     tts_pb2_grpc,
     turn_pb2,
     turn_pb2_grpc,
 )
+from redis_support import RedisServer, redis_server  # noqa: F401  (a fixture)
 
-APPS = ["tts", "asr", "llm", "turn", "render"]
+KEY_PREFIX = "test-serve:"
+APPS = ["tts", "asr", "llm", "turn", "render", "sessions"]
 SR = 16_000
 FRAME = 320
 
@@ -46,7 +53,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve_address() -> Iterator[str]:
+def serve_addresses(redis_server: RedisServer) -> Iterator[parley_serve.ServeAddresses]:  # noqa: F811
     import ray
     from ray import serve
 
@@ -55,12 +62,20 @@ def serve_address() -> Iterator[str]:
         config = parley_serve.load_config(
             grpc_port=free_port(), http_port=free_port(), applications=APPS
         )
-        addresses = parley_serve.deploy(config, timeout_s=120)
+        sessions = next(a for a in config.applications if a.name == "sessions")
+        sessions.args["config"].update(redis_url=redis_server.url, key_prefix=KEY_PREFIX)
+        sessions.args["config"]["render"] = {"width": 64, "height": 64, "fps": 10}
+        addresses = parley_serve.deploy(config, timeout_s=180)
         assert addresses.http.startswith("http://127.0.0.1:")
-        yield addresses.grpc
+        yield addresses
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_address(serve_addresses: parley_serve.ServeAddresses) -> str:
+    return serve_addresses.grpc
 
 
 @pytest.fixture
@@ -76,6 +91,17 @@ def app(name: str) -> tuple[tuple[str, str]]:
 async def requests(items: list[Any]) -> AsyncIterator[Any]:
     for item in items:
         yield item
+
+
+async def held(items: list[Any]) -> AsyncIterator[Any]:
+    """`items`, then no half-close: the stream stays open until the server ends it.
+
+    A write still in flight when the server refuses a stream makes grpc.aio report
+    INTERNAL "Internal error from Core" instead of the server's status.
+    """
+    for item in items:
+        yield item
+    await asyncio.Event().wait()
 
 
 async def expect_error(calls: Any, code: grpc.StatusCode, fragment: str) -> None:
@@ -115,19 +141,19 @@ async def test_bad_streams_get_our_status_and_message(channel: grpc.aio.Channel)
     tts = tts_pb2_grpc.TtsStub(channel)
     twice = [tts_pb2.TtsRequest(config=tts_pb2.TtsConfig())] * 2
     await expect_error(
-        tts.Synthesize(requests(twice), metadata=app("tts")),
+        tts.Synthesize(held(twice), metadata=app("tts")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "config may only be sent once",
     )
     await expect_error(
-        tts.Synthesize(requests([tts_pb2.TtsRequest()]), metadata=app("tts")),
+        tts.Synthesize(held([tts_pb2.TtsRequest()]), metadata=app("tts")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "empty TtsRequest",
     )
     asr = asr_pb2_grpc.AsrStub(channel)
     await expect_error(
         asr.Transcribe(
-            requests([asr_pb2.AsrRequest(config=asr_pb2.AsrConfig(language="fr"))]),
+            held([asr_pb2.AsrRequest(config=asr_pb2.AsrConfig(language="fr"))]),
             metadata=app("asr"),
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -136,7 +162,7 @@ async def test_bad_streams_get_our_status_and_message(channel: grpc.aio.Channel)
     turn = turn_pb2_grpc.TurnStub(channel)
     bad_turn = turn_pb2.TurnConfig(min_silence_ms=900, max_silence_ms=300)
     await expect_error(
-        turn.Detect(requests([turn_pb2.TurnRequest(config=bad_turn)]), metadata=app("turn")),
+        turn.Detect(held([turn_pb2.TurnRequest(config=bad_turn)]), metadata=app("turn")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "must not exceed",
     )
@@ -148,7 +174,7 @@ async def test_bad_streams_get_our_status_and_message(channel: grpc.aio.Channel)
     )
     # An application that is not deployed: Serve's own NOT_FOUND.
     await expect_error(
-        tts.Synthesize(requests(tts_requests("Hello there.")), metadata=app("nope")),
+        tts.Synthesize(held(tts_requests("Hello there.")), metadata=app("nope")),
         grpc.StatusCode.NOT_FOUND,
         "nope",
     )
@@ -170,7 +196,7 @@ async def test_a_failing_stream_leaves_a_concurrent_one_running(
     async def bad() -> None:
         await asyncio.sleep(0.05)
         await expect_error(
-            tts.Synthesize(requests([tts_pb2.TtsRequest()]), metadata=app("tts")),
+            tts.Synthesize(held([tts_pb2.TtsRequest()]), metadata=app("tts")),
             grpc.StatusCode.INVALID_ARGUMENT,
             "empty TtsRequest",
         )
@@ -232,7 +258,166 @@ async def test_render_streams_frames_through_serve(channel: grpc.aio.Channel) ->
     assert all(len(f.data) == 64 * 64 * 3 and f.encoding == "rgb24" for f in frames)
     assert frames[-1].pts_s >= 0.2  # frames run to the end of the queued speech
     await expect_error(
-        stub.Render(requests(reqs[1:]), metadata=app("render")),
+        stub.Render(held(reqs[1:]), metadata=app("render")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "must be a config",
     )
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[TenancyStore]:  # noqa: F811
+    async with TenancyStore.from_url(redis_server.url, prefix=KEY_PREFIX) as tenancy:
+        yield tenancy
+
+
+async def question_audio(channel: grpc.aio.Channel, text: str) -> np.ndarray:
+    """`text` spoken by the TTS application, at 16 kHz with silence around it."""
+    events = await synthesize(channel, text)
+    speech = np.concatenate(
+        [
+            pcm16_to_float(ev.speech.audio.pcm16, 24_000, 1, expected_rate=24_000)
+            for ev in events
+            if ev.WhichOneof("event") == "speech"
+        ]
+    )
+    pad = np.zeros(SR // 4, np.float32)
+    return np.concatenate([pad, resample(speech, 24_000, SR), pad, pad]).astype(np.float32)
+
+
+def sessions_client(address: str, api_key: str | None) -> ParleyClient:
+    return ParleyClient(address, api_key=api_key, metadata=app("sessions"))
+
+
+async def test_a_spoken_turn_over_grpc_through_serve(
+    channel: grpc.aio.Channel, serve_address: str, store: TenancyStore
+) -> None:
+    """The sessions app answers with audio, video and latencies; its models are the stage apps."""
+    _, key = await store.create_key("acme")
+    audio = await question_audio(channel, "What is the capital of France?")
+    async with sessions_client(serve_address, key) as client:
+        session = await client.create_session()
+        reply = await collect(client.converse(session.session_id, audio))
+        finals = reply.user_finals
+        assert finals and "capital" in finals[0].lower(), finals
+        assert "".join(t.text for t in reply.texts).strip() and reply.speech
+        (latency,) = reply.latencies
+        eot, out = latency.end_of_turn_s, latency.first_output_s
+        assert eot is not None and out is not None and 0 < eot < out < 5.0
+        assert (await client.get_session(session.session_id)).turns == 1
+        ended = await client.end_session(session.session_id)
+        assert ended.state == "ended"
+
+
+async def test_sessions_through_serve_need_a_key_and_keep_tenants_apart(
+    serve_address: str, store: TenancyStore
+) -> None:
+    _, key_a = await store.create_key("tenant-a")
+    _, key_b = await store.create_key("tenant-b")
+    async with sessions_client(serve_address, None) as anonymous:
+        with pytest.raises(ParleyError) as err:
+            await anonymous.list_sessions()
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    async with sessions_client(serve_address, "pk_0000000000000000_wrong") as wrong:
+        with pytest.raises(ParleyError) as err:
+            await wrong.create_session()
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    async with (
+        sessions_client(serve_address, key_a) as a,
+        sessions_client(serve_address, key_b) as b,
+    ):
+        mine = await a.create_session()
+        assert [s.session_id for s in await b.list_sessions()] == []
+        for call in (b.get_session, b.end_session):
+            with pytest.raises(ParleyError) as err:
+                await call(mine.session_id)
+            assert err.value.code == grpc.StatusCode.NOT_FOUND
+        assert (await a.get_session(mine.session_id)).state == "active"
+        await a.end_session(mine.session_id)
+
+
+async def test_bad_converse_streams_through_serve_spare_other_sessions(
+    channel: grpc.aio.Channel, serve_address: str, store: TenancyStore
+) -> None:
+    _, key = await store.create_key("acme-bad")
+    audio = await question_audio(channel, "What is the capital of Spain?")
+    stub = sessions_pb2_grpc.SessionsStub(channel)
+    auth = (*app("sessions"), ("authorization", f"Bearer {key}"))
+    async with sessions_client(serve_address, key) as client:
+        good = await client.create_session()
+        victim = await client.create_session()
+
+        async def bad_streams() -> None:
+            await asyncio.sleep(0.5)
+            audio_8k = sessions_pb2.ClientEvent(
+                audio=wire.audio_to_proto(np.zeros(800, np.float32), 8_000, 0)
+            )
+            odd = sessions_pb2.ClientEvent(audio=audio_8k.audio)
+            odd.audio.sample_rate, odd.audio.pcm16 = SR, b"\x00" * 641
+            cases = [
+                ([odd], "ConverseStart"),
+                ([_start("no-such-session")], "no-such-session"),
+                ([_start(victim.session_id), audio_8k], "16000 Hz"),
+                ([_start(victim.session_id), odd], "even number of bytes"),
+                ([_start(victim.session_id), _start(victim.session_id)], "only audio"),
+            ]
+            codes = [
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ]
+            for (messages, fragment), code in zip(cases, codes, strict=True):
+                await expect_error(stub.Converse(held(messages), metadata=auth), code, fragment)
+
+        reply, _ = await asyncio.gather(
+            collect(client.converse(good.session_id, audio)), bad_streams()
+        )
+        finals = reply.user_finals
+        assert finals and "spain" in finals[0].lower(), finals
+        assert reply.speech and reply.latencies
+        # The session a bad stream targeted is still usable.
+        assert (await client.get_session(victim.session_id)).state == "active"
+
+
+def _start(session_id: str) -> sessions_pb2.ClientEvent:
+    return sessions_pb2.ClientEvent(start=sessions_pb2.ConverseStart(session_id=session_id))
+
+
+async def test_a_spoken_turn_over_the_websocket_through_serve(
+    channel: grpc.aio.Channel, serve_addresses: parley_serve.ServeAddresses, store: TenancyStore
+) -> None:
+    import aiohttp
+
+    _, key = await store.create_key("acme-ws")
+    audio = await question_audio(channel, "What is the capital of Italy?")
+    base = serve_addresses.http
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/v1/sessions", json={}) as refused:
+            assert refused.status == 401, await refused.text()
+        headers = {"Authorization": f"Bearer {key}"}
+        async with http.post(f"{base}/v1/sessions", json={}, headers=headers) as created:
+            assert created.status == 201, await created.text()
+            session_id = (await created.json())["session_id"]
+        url = f"{base.replace('http', 'ws', 1)}/v1/sessions/{session_id}/converse"
+        messages: list[dict[str, Any]] = []
+        binary = 0
+        async with http.ws_connect(url, protocols=[f"parley.key.{key}"]) as ws:
+            for i in range(0, len(audio), FRAME):
+                await ws.send_bytes(float_to_pcm16(audio[i : i + FRAME]))
+                await asyncio.sleep(FRAME / SR)
+            await ws.send_json({"type": "end"})
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    messages.append(json.loads(msg.data))
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    binary += 1
+            assert ws.close_code == 1000
+    kinds = {m["type"] for m in messages}
+    finals = [m["text"] for m in messages if m["type"] == "user_transcript" and m["is_final"]]
+    assert finals and "italy" in finals[0].lower(), finals
+    assert {"avatar_text", "avatar_speech", "latency"} <= kinds, kinds
+    assert binary >= 2  # audio (and video) payloads

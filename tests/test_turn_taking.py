@@ -207,7 +207,8 @@ async def test_talker_who_never_stops_is_capped_and_the_session_recovers(
     babble = np.clip(0.7 * voice_a + 0.7 * voice_b, -1, 1).astype(np.float32)
     await drive.push(silence(0.25))
     await drive.push(babble)
-    await drive.push(silence(1.0))
+    # Beyond silence_cap_s: the babble's tail (cut mid-sentence) is decided before the question.
+    await drive.push(silence(ParleyTurnConfig().silence_cap_s + 0.5))
     await conv.wait_idle()
     drive._collect()
     capped = [t for t in drive.traces() if t.end_of_turn_reason == "max_turn"]

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     srv = sub.add_parser("serve", help="run every service on a local Ray Serve cluster (CPU)")
     srv.add_argument(
-        "--config", type=Path, default=None, help="Serve config (deploy/serve/parley.yaml)"
+        "--config", type=Path, default=None, help="Serve config (deploy/helm/parley/files/serve-config.yaml)"
     )
     srv.add_argument("--grpc-port", type=int, default=None)
     srv.add_argument("--http-port", type=int, default=None)

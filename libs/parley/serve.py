@@ -10,7 +10,7 @@ and raises, which is how Serve sends a status other than INTERNAL (the replica
 wraps the exception with the code it finds set on the context).
 
 `load_config` / `deploy` run the one Serve config file
-(`deploy/serve/parley.yaml`, the same schema as KubeRay's `serveConfigV2`) the
+(`deploy/helm/parley/files/serve-config.yaml`, the same schema as KubeRay's `serveConfigV2`) the
 way `serve run CONFIG` does.
 """
 
@@ -24,13 +24,21 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
+import numpy as np
 import yaml
 from pydantic import BaseModel
 
 from parley.errors import InvalidInput
 
 #: The Serve config shipped with Parley (`parley serve` and the Helm chart read the same file).
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve" / "parley.yaml"
+DEFAULT_CONFIG = (
+    Path(__file__).resolve().parents[2]
+    / "deploy"
+    / "helm"
+    / "parley"
+    / "files"
+    / "serve-config.yaml"
+)
 
 
 class Aborted(Exception):
@@ -105,6 +113,20 @@ def deployment_args(args: Mapping[str, Any] | None, model: type[BaseModel]) -> B
         return model.model_validate(config)
     except Exception as exc:
         raise InvalidInput(f"invalid {model.__name__} in the Serve config: {exc}") from exc
+
+
+def check_audio(audio: object, *, max_s: float, sample_rate: int = 16_000) -> np.ndarray:
+    """Audio passed through a Serve handle: 1-D, finite, float32, at most `max_s` long."""
+    if not isinstance(audio, np.ndarray) or audio.ndim != 1:
+        raise InvalidInput("audio must be a 1-D numpy array of samples")
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise InvalidInput(f"audio must hold float samples, not {audio.dtype}")
+    if len(audio) > max_s * sample_rate:
+        raise InvalidInput(f"audio of {len(audio) / sample_rate:.1f} s exceeds {max_s:.1f} s")
+    samples = audio.astype(np.float32, copy=False)
+    if not np.isfinite(samples).all():
+        raise InvalidInput("audio contains NaN or infinite samples")
+    return samples
 
 
 # --- running the config file -------------------------------------------------------------

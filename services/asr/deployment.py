@@ -1,7 +1,9 @@
 """Ray Serve deployment of `parley.v1.Asr`: a thin shell over `AsrServicer`.
 
 Reached through Serve's gRPC ingress with the metadata `application: asr`;
-`Transcribe` gets a `gRPCInputStream` of `AsrRequest`s.
+`Transcribe` gets a `gRPCInputStream` of `AsrRequest`s. The sessions deployment
+calls `decode` through a Serve handle instead: one utterance in, its text out, so
+that any replica serves any session (the stream's VAD state stays with the session).
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from parley.serve import ServeContext, deployment_args
+from parley.serve import ServeContext, check_audio, deployment_args
 from parley.v1 import asr_pb2
 from ray import serve
 from ray.serve import Application
 
 from services.asr.config import AsrConfig
-from services.asr.engine import AsrEngine
+from services.asr.engine import AsrEngine, Decoded
 from services.asr.servicer import AsrServicer
 
 
@@ -32,6 +34,16 @@ class AsrDeployment:
         context = ServeContext(grpc_context, request_stream)
         async for event in self.servicer.Transcribe(request_stream, context):
             yield event
+
+    async def decode(self, audio: object) -> Decoded:
+        """One utterance of 16 kHz float32 audio → its text (for Serve handle callers)."""
+        samples = check_audio(audio, max_s=self.engine.config.max_utterance_s)
+        decoded, _ = await self.engine.decode(samples)
+        return decoded
+
+    async def config(self) -> dict[str, Any]:
+        """This replica's validated config (callers build matching local state from it)."""
+        return self.engine.config.model_dump(mode="json")
 
 
 def build(args: dict[str, Any]) -> Application:

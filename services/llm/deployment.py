@@ -3,6 +3,9 @@
 Reached through Serve's gRPC ingress with the metadata `application: llm`;
 `Generate` is server streaming (one `GenerateRequest` in, events out).
 Cancelling the call cancels this generator, which stops generation.
+
+The sessions deployment calls `generate` and `prefill` through a Serve handle
+(messages as `ChatMessage`s, no protobuf round trip).
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from parley.errors import InvalidInput
 from parley.serve import ServeContext, deployment_args
 from parley.v1 import llm_pb2
 from ray import serve
 from ray.serve import Application
 
 from services.llm.config import LlmConfig
-from services.llm.engine import LlmEngine
+from services.llm.engine import ChatMessage, GenerationStats, LlmEngine
 from services.llm.servicer import LlmServicer
 
 
@@ -33,6 +37,35 @@ class LlmDeployment:
         context = ServeContext(grpc_context)
         async for event in self.servicer.Generate(request, context):
             yield event
+
+    async def generate(
+        self, messages: object, max_tokens: int = 0, temperature: float | None = None
+    ) -> AsyncIterator[tuple[str, int, int, int]]:
+        """Stream `(text piece, prompt tokens, cached tokens, completion tokens)`.
+
+        The counts ride along with every piece, so the caller's stats are current at
+        its first token. Cancelling the call (the caller stops) stops generation.
+        """
+        stats = GenerationStats()
+        pieces = self.engine.generate(
+            _messages(messages), max_tokens=max_tokens, temperature=temperature, stats=stats
+        )
+        async for piece in pieces:
+            yield piece, stats.prompt_tokens, stats.cached_tokens, stats.completion_tokens
+
+    async def prefill(self, messages: object) -> int:
+        """Read a conversation's prompt ahead into this replica's prefix cache."""
+        return await self.engine.prefill(_messages(messages))
+
+    async def config(self) -> dict[str, Any]:
+        """This replica's validated config (callers build matching local state from it)."""
+        return self.engine.config.model_dump(mode="json", exclude={"api_key"})
+
+
+def _messages(messages: object) -> list[ChatMessage]:
+    if not isinstance(messages, list) or not all(isinstance(m, ChatMessage) for m in messages):
+        raise InvalidInput("messages must be a list of ChatMessage")
+    return messages
 
 
 def build(args: dict[str, Any]) -> Application:

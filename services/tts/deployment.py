@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from parley.errors import InvalidInput
 from parley.serve import ServeContext, deployment_args
 from parley.v1 import tts_pb2
 from ray import serve
 from ray.serve import Application
 
 from services.tts.config import TtsConfig
-from services.tts.engine import TtsEngine
+from services.tts.engine import Speech, TtsEngine
 from services.tts.servicer import TtsServicer
 
 
@@ -34,6 +35,19 @@ class TtsDeployment:
         context = ServeContext(grpc_context, request_stream)
         async for event in self.servicer.Synthesize(request_stream, context):
             yield event
+
+    async def sample_rate(self) -> int:
+        return self.engine.sample_rate
+
+    async def synthesize(self, text: object) -> Speech:
+        """One clause → its speech (for Serve handle callers, which chunk text themselves)."""
+        if not isinstance(text, str):
+            raise InvalidInput("text must be a string")
+        return await self.engine.synthesize(text)
+
+    async def config(self) -> dict[str, Any]:
+        """This replica's validated config (callers build matching local state from it)."""
+        return self.engine.config.model_dump(mode="json")
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -20,7 +20,13 @@ from parley.vad import SileroVadModel
 
 from services.turn.backends.smart_turn import SmartTurnModel
 from services.turn.config import TurnConfig
-from services.turn.detector import DetectorEvent, ParleyTurnConfig, ParleyTurnDetector
+from services.turn.detector import (
+    AudioTurnModel,
+    DetectorEvent,
+    ParleyTurnConfig,
+    ParleyTurnDetector,
+    TextTurnModel,
+)
 from services.turn.semantic import SemanticTurnModel
 
 P = ParamSpec("P")
@@ -30,29 +36,45 @@ T = TypeVar("T")
 class TurnEngine:
     """One per process: the VAD, Smart Turn and text models, and the worker thread."""
 
-    def __init__(self, config: TurnConfig | None = None, vad_model: SileroVadModel | None = None):
+    def __init__(
+        self,
+        config: TurnConfig | None = None,
+        vad_model: SileroVadModel | None = None,
+        *,
+        smart_turn: AudioTurnModel | None = None,
+        semantic: TextTurnModel | None = None,
+    ):
+        """`smart_turn` / `semantic`: models to use instead of loading them (e.g. remote ones)."""
         self.config = config or TurnConfig()
         self.vad_model = vad_model or SileroVadModel()
-        self.smart_turn: SmartTurnModel | None = None
-        self.semantic: SemanticTurnModel | None = None
+        self.smart_turn: AudioTurnModel | None = smart_turn
+        self.semantic: TextTurnModel | None = semantic
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn")
 
     def _load(self) -> None:
         cfg = self.config
         if cfg.smart_turn and self.smart_turn is None:
-            self.smart_turn = SmartTurnModel(cfg.smart_turn_path)
-            self.smart_turn.warm_up()
+            smart_turn = SmartTurnModel(cfg.smart_turn_path)
+            smart_turn.warm_up()
+            self.smart_turn = smart_turn
         if cfg.semantic and self.semantic is None:
-            self.semantic = SemanticTurnModel(cfg.semantic_model_path)
-            self.semantic.warm_up()
+            semantic = SemanticTurnModel(cfg.semantic_model_path)
+            semantic.warm_up()
+            self.semantic = semantic
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        if self.semantic is not None:
-            self.semantic.close()
+        close = getattr(self.semantic, "close", None)
+        if close is not None:
+            close()
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a model call on the engine's worker thread (in order with the streams' calls)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     def detector(self, config: ParleyTurnConfig | None = None) -> ParleyTurnDetector:
         return ParleyTurnDetector(
@@ -74,8 +96,7 @@ class TurnStream:
         self.detector = detector
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.engine._executor, lambda: fn(*args, **kwargs))
+        return await self.engine.run(fn, *args, **kwargs)
 
     async def push(self, samples: np.ndarray) -> list[DetectorEvent]:
         return await self._run(self.detector.push_events, samples)

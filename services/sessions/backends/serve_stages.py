@@ -1,0 +1,206 @@
+"""Stage backends that call the stage deployments through Ray Serve handles.
+
+A conversation keeps its per-session state (the microphone's VAD, the turn
+detector's frame-by-frame state, the clause chunker, the avatar timeline) in the
+sessions replica, and sends only model calls to the stage deployments: one
+utterance to decode, one turn's audio or transcript to score, one prompt to
+generate from, one clause to speak. Each call is a stateless request, so any
+replica of a stage serves any session; Serve's autoscaling and a replica's loss
+never strand a session's state.
+
+The backends plug into the ordinary engines (`AsrEngine(backend=...)`,
+`TurnEngine(smart_turn=..., semantic=...)`, ...), so the conversation code is the
+same in one process and on Serve. The synchronous backends (`decode`,
+`synthesize`, the turn models) are called on their engine's worker thread and
+wait on the handle's response there, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from services.asr.config import AsrConfig
+from services.asr.engine import AsrEngine, Decoded
+from services.llm.config import LlmConfig
+from services.llm.engine import ChatMessage, GenerationParams, GenerationStats, LlmEngine
+from services.render.engine import RenderEngine
+from services.sessions.conversation import Engines
+from services.tts.config import TtsConfig
+from services.tts.engine import Speech, TtsEngine
+from services.turn.backends.smart_turn import WINDOW
+from services.turn.config import TurnConfig
+from services.turn.engine import TurnEngine
+from services.turn.semantic import SemanticScore
+
+#: How long a model call may take before the session gives up on it (a stuck replica).
+CALL_TIMEOUT_S = 30.0
+
+
+class StageApps(BaseModel):
+    """Names of the Serve applications the sessions deployment calls (the Serve config's)."""
+
+    model_config = {"extra": "forbid"}
+
+    asr: str = Field(default="asr", min_length=1)
+    turn: str = Field(default="turn", min_length=1)
+    llm: str = Field(default="llm", min_length=1)
+    tts: str = Field(default="tts", min_length=1)
+
+
+class ServeAsrBackend:
+    """`AsrBackend` over the ASR deployment's `decode`."""
+
+    name = "serve"
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def warm_up(self) -> None:
+        """The deployment warmed its model before it took calls."""
+
+    def decode(self, audio: np.ndarray) -> Decoded:
+        result: Decoded = self._handle.decode.remote(audio).result(timeout_s=CALL_TIMEOUT_S)
+        return result
+
+
+class ServeSmartTurn:
+    """`AudioTurnModel` over the turn deployment's `audio_probability`."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.last_ms = 0.0
+
+    def probability(self, audio: np.ndarray) -> float:
+        # The model hears only its last window: send no more than that.
+        window = np.ascontiguousarray(audio[-WINDOW:], dtype=np.float32)
+        response = self._handle.audio_probability.remote(window)
+        return float(response.result(timeout_s=CALL_TIMEOUT_S))
+
+
+class ServeTextTurnModel:
+    """`TextTurnModel` over the turn deployment's `text_score`."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def score(self, text: str) -> SemanticScore:
+        result: SemanticScore = self._handle.text_score.remote(text).result(
+            timeout_s=CALL_TIMEOUT_S
+        )
+        return result
+
+
+class ServeLlmBackend:
+    """`LlmBackend` over the LLM deployment's streaming `generate` and its `prefill`."""
+
+    name = "serve"
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._stream = handle.options(stream=True)
+
+    async def start(self) -> None:
+        """The deployment loaded and warmed its model before it took calls."""
+
+    async def prefill(self, messages: list[ChatMessage]) -> int:
+        # The prefix cache is the replica's: with several replicas this warms one of them.
+        tokens: int = await self._handle.prefill.remote(messages)
+        return tokens
+
+    async def generate(
+        self, messages: list[ChatMessage], params: GenerationParams, stats: GenerationStats
+    ) -> AsyncIterator[str]:
+        response = self._stream.generate.remote(messages, params.max_tokens, params.temperature)
+        finished = False
+        try:
+            async for piece, prompt, cached, completion in response:
+                stats.prompt_tokens, stats.cached_tokens = prompt, cached
+                stats.completion_tokens = completion
+                yield piece
+            finished = True
+        finally:
+            if not finished:  # the caller stopped early (barge-in): stop the replica too
+                response.cancel()
+
+    async def close(self) -> None:
+        pass
+
+
+class ServeTtsBackend:
+    """`TtsBackend` over the TTS deployment's `synthesize` (clauses are chunked locally)."""
+
+    name = "serve"
+
+    def __init__(self, handle: Any, sample_rate: int) -> None:
+        self._handle = handle
+        self.sample_rate = sample_rate
+
+    def warm_up(self) -> None:
+        """The deployment warmed its voice before it took calls."""
+
+    def synthesize(self, text: str) -> Speech:
+        result: Speech = self._handle.synthesize.remote(text).result(timeout_s=CALL_TIMEOUT_S)
+        return result
+
+
+@dataclass(slots=True)
+class StageConfigs:
+    """The stage deployments' own configs, read from them so both sides agree."""
+
+    asr: AsrConfig
+    turn: TurnConfig
+    llm: LlmConfig
+    tts: TtsConfig
+    tts_sample_rate: int
+
+
+async def stage_configs(handles: dict[str, Any]) -> StageConfigs:
+    asr, turn, llm, tts, rate = [
+        await handles["asr"].config.remote(),
+        await handles["turn"].config.remote(),
+        await handles["llm"].config.remote(),
+        await handles["tts"].config.remote(),
+        await handles["tts"].sample_rate.remote(),
+    ]
+    return StageConfigs(
+        asr=AsrConfig.model_validate(asr),
+        turn=TurnConfig.model_validate(turn),
+        llm=LlmConfig.model_validate(llm),
+        tts=TtsConfig.model_validate(tts),
+        tts_sample_rate=int(rate),
+    )
+
+
+async def serve_engines(apps: StageApps, render: RenderEngine | None = None) -> Engines:
+    """Engines whose models are the stage deployments (call inside a Serve replica)."""
+    from ray import serve
+
+    handles = {stage: serve.get_app_handle(name) for stage, name in apps.model_dump().items()}
+    configs = await stage_configs(handles)
+    models = await handles["turn"].models.remote()
+    engines = Engines(
+        asr=AsrEngine(configs.asr, backend=ServeAsrBackend(handles["asr"])),
+        llm=LlmEngine(configs.llm, backend=ServeLlmBackend(handles["llm"])),
+        tts=TtsEngine(
+            configs.tts, backend=ServeTtsBackend(handles["tts"], configs.tts_sample_rate)
+        ),
+        turn=TurnEngine(
+            configs.turn,
+            smart_turn=ServeSmartTurn(handles["turn"]) if models["audio"] else None,
+            semantic=ServeTextTurnModel(handles["turn"]) if models["text"] else None,
+        ),
+        render=render,
+    )
+    try:
+        await engines.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await engines.close()
+        raise
+    return engines

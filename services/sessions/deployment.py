@@ -1,0 +1,96 @@
+"""Ray Serve deployment of the sessions gateway: `parley.v1.Sessions` and the HTTP API.
+
+gRPC: Serve's gRPC ingress calls the methods named like the rpcs when a call
+carries the metadata `application: sessions`; `Converse` gets a
+`gRPCInputStream`. HTTP: Serve's HTTP proxy hands requests (REST and the
+WebSocket stream) under the application's route prefix to the FastAPI app of
+`services/sessions/http.py`, built in the replica over the same registry.
+
+The conversations run here; their models are the stage deployments, called
+through Serve handles (`services/sessions/backends/serve_stages.py`). A session
+lives in the replica that created it, so this deployment runs one replica per
+gateway until streams are routed by session (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from parley.serve import ServeContext, deployment_args
+from parley.tenancy import TenancyStore
+from parley.v1 import sessions_pb2
+from ray import serve
+from ray.serve import Application
+
+from services.render.engine import RenderEngine
+from services.sessions.backends.serve_stages import serve_engines
+from services.sessions.config import SessionsConfig
+from services.sessions.http import create_app
+from services.sessions.registry import SessionRegistry
+from services.sessions.servicer import SessionsServicer
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="sessions", max_ongoing_requests=256)
+@serve.ingress()
+class SessionsDeployment:
+    async def __init__(self, config: SessionsConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
+        self.config = config = config or SessionsConfig()
+        render = RenderEngine(config.render) if config.render is not None else None
+        self.engines = await serve_engines(config.stages, render)
+        tenancy = None
+        if redis_url := config.effective_redis_url():
+            tenancy = TenancyStore.from_url(redis_url, prefix=config.key_prefix)
+            await tenancy.redis.ping()  # fail the replica's start, not the first call
+        else:
+            log.warning("sessions gateway without a Redis URL: no API keys, one tenant 'local'")
+        self.registry = SessionRegistry(
+            self.engines, tenancy, max_sessions=config.max_sessions, lease_s=config.lease_s
+        )
+        self.servicer = SessionsServicer(self.registry)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return create_app(self.registry)
+
+    async def CreateSession(
+        self, request: sessions_pb2.CreateSessionRequest, grpc_context: Any = None
+    ) -> sessions_pb2.Session:
+        return await self.servicer.CreateSession(request, ServeContext(grpc_context))
+
+    async def GetSession(
+        self, request: sessions_pb2.GetSessionRequest, grpc_context: Any = None
+    ) -> sessions_pb2.Session:
+        return await self.servicer.GetSession(request, ServeContext(grpc_context))
+
+    async def ListSessions(
+        self, request: sessions_pb2.ListSessionsRequest, grpc_context: Any = None
+    ) -> sessions_pb2.ListSessionsResponse:
+        return await self.servicer.ListSessions(request, ServeContext(grpc_context))
+
+    async def EndSession(
+        self, request: sessions_pb2.EndSessionRequest, grpc_context: Any = None
+    ) -> sessions_pb2.Session:
+        return await self.servicer.EndSession(request, ServeContext(grpc_context))
+
+    async def Converse(
+        self, request_stream: AsyncIterator[sessions_pb2.ClientEvent], grpc_context: Any = None
+    ) -> AsyncIterator[sessions_pb2.ServerEvent]:
+        context = ServeContext(grpc_context, request_stream)
+        async for event in self.servicer.Converse(request_stream, context):
+            yield event
+
+    async def __del__(self) -> None:
+        await self.registry.close()
+        await self.engines.close()
+        if self.registry.tenancy is not None:
+            await self.registry.tenancy.aclose()
+
+
+def build(args: dict[str, Any]) -> Application:
+    """App builder for the Serve config: `args.config` holds `SessionsConfig` fields."""
+    config = deployment_args(args, SessionsConfig)
+    assert isinstance(config, SessionsConfig)
+    return SessionsDeployment.bind(config)  # type: ignore[attr-defined]
