@@ -9,7 +9,7 @@ PIP := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/parley/v1/*.proto)
 PROTO_OUT := libs/parley/v1/.generated
-DEBIAN_PACKAGES := redis-server
+DEBIAN_PACKAGES := redis-server chromium
 
 .PHONY: all install protos demo test lint typecheck unit clean
 

@@ -416,3 +416,133 @@ def demo(out_dir: Path, llm_model: str = "") -> dict[str, Any]:
         " conversation.mp4, transcript.txt"
     )
     return report
+
+
+async def run_against_target(
+    audio_dir: Path | None,
+    turns: int | None,
+    target: str,
+    api_key: str | None,
+    *,
+    application: str = "sessions",
+    video: str = "h264",
+    llm_model: str = "",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Each utterance said to the in-process engine, then to the server at `target`.
+
+    Interleaved turn by turn, so that both see the same machine load; the in-process
+    u2u is measured where the conversation emits its first audio, the remote one where
+    the client receives it.
+    """
+    from parley.client import ParleyClient
+
+    from loadtest.remote import RemoteTurn, replay_remote
+
+    if video not in ("h264", "jpeg", "none"):
+        raise InvalidInput("video must be h264, jpeg or none")
+    console = console or Console(stderr=True)
+    directory = audio_dir or synthesize_default(DEFAULT_DIR)
+    utterances = load_corpus(directory)
+    if turns:
+        utterances = [utterances[i % len(utterances)] for i in range(turns)]
+    with console.status("loading the in-process models and warming up"):
+        engines = await load_engines(llm_model)
+    conv = Conversation(engines)
+    await conv.prepare()
+    local: list[TurnResult] = []
+    progress = Progress(
+        TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console,
+    )  # fmt: skip
+    metadata = (("application", application),) if application else ()
+
+    def ms(value: float | None) -> str:
+        return f"{value * 1000:.0f} ms" if value is not None else "no reply"
+
+    try:
+        with progress:
+            task = progress.add_task("", total=len(utterances))
+
+            async def in_process(i: int) -> None:
+                (r,), _ = await replay(conv, [utterances[i]])
+                r.index = i
+                local.append(r)
+
+            def on_remote(t: RemoteTurn) -> None:
+                progress.update(task, advance=1)
+                progress.console.print(
+                    f"[dim]{t.index + 1:>3}[/] in-process {ms(local[t.index].u2u_s)}, "
+                    f"{target} {ms(t.u2u_s)}: {t.hypothesis!r} → {t.reply!r}"
+                )
+
+            async with ParleyClient(target, api_key, metadata=metadata) as client:
+                remote = await replay_remote(
+                    client,
+                    utterances,
+                    video=video,  # type: ignore[arg-type]
+                    on_turn=on_remote,
+                    before_each=in_process,
+                )
+    finally:
+        await conv.close()
+        await engines.close()
+    local_u2u = [r.u2u_s for r in local if r.u2u_s is not None and r.u2u_s >= 0]
+    remote_u2u = [t.u2u_s for t in remote if t.u2u_s is not None and t.u2u_s >= 0]
+    remote_av = [t.u2u_audio_video_s for t in remote if t.u2u_audio_video_s is not None]
+    pairs = [
+        (t.u2u_s - r.u2u_s)
+        for r, t in zip(local, remote, strict=True)
+        if r.u2u_s is not None and t.u2u_s is not None and r.u2u_s >= 0 and t.u2u_s >= 0
+    ]
+    summary: dict[str, Any] = {
+        "target": target,
+        "turns": len(utterances),
+        "in_process": {
+            "answered": len(local_u2u),
+            "u2u_p50_s": percentile(local_u2u, 50),
+            "u2u_p95_s": percentile(local_u2u, 95),
+            "false_cut_ins": sum(len(r.cut_ins) for r in local),
+        },
+        "remote": {
+            "answered": len(remote_u2u),
+            "u2u_p50_s": percentile(remote_u2u, 50),
+            "u2u_p95_s": percentile(remote_u2u, 95),
+            "u2u_audio_video_p50_s": percentile(remote_av, 50),
+            "false_cut_ins": sum(t.cut_ins for t in remote),
+            "video": video,
+        },
+        "remote_minus_in_process_p50_s": (
+            percentile(remote_u2u, 50) - percentile(local_u2u, 50)  # type: ignore[operator]
+            if remote_u2u and local_u2u
+            else None
+        ),
+        "paired_difference_p50_s": percentile(pairs, 50),
+    }
+    return {
+        "summary": summary,
+        "in_process_turns": [r.to_dict() for r in local],
+        "remote_turns": [t.to_dict() for t in remote],
+        "corpus": str(directory),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
+def bench_latency_target(
+    audio_dir: Path | None,
+    turns: int | None,
+    json_path: Path,
+    target: str,
+    api_key: str | None,
+    application: str,
+    video: str,
+    llm_model: str = "",
+) -> dict[str, Any]:
+    report = asyncio.run(
+        run_against_target(audio_dir, turns, target, api_key, application=application,
+                           video=video, llm_model=llm_model)
+    )  # fmt: skip
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["summary"], indent=2))
+    return report

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator
 
+import av
 import grpc
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from services.sessions.conversation import (
 )
 from services.sessions.registry import LOCAL_TENANT, SessionRegistry
 from services.sessions.servicer import SessionsServicer
+from services.sessions.video import AvatarVideoEvent
 from services.tts.engine import TtsEngine
 
 SR = 16_000
@@ -310,3 +313,96 @@ async def test_avatar_lip_syncs_each_reply_and_times_its_first_frame(
     assert avatar.mouth_open_at(0.1) < 0.05
     await conv.close()
     await render.close()
+
+
+async def test_live_video_follows_the_voice_and_never_queues_for_a_slow_reader(
+    engines: Engines, tts_engine: TtsEngine
+) -> None:
+    render = RenderEngine(RenderConfig(width=64, height=64))
+    await render.start()
+    conv = Conversation(dataclasses.replace(engines, render=render))
+    video = conv.start_video("h264")
+    config = conv.engines.video
+    silence = np.zeros(FRAME, np.float32)
+    start = clock.now()
+
+    async def push(audio: np.ndarray) -> None:
+        nonlocal start
+        for frame in paced(audio):
+            start += FRAME / SR
+            await asyncio.sleep(max(0.0, start - clock.now()))
+            await conv.push_audio(frame)
+
+    # Nobody reads the frames for 0.6 s: at most `max_pending` wait, the rest are skipped.
+    await push(np.zeros(int(0.6 * SR), np.float32))
+    assert video.stats.rendered == config.max_pending, video.stats
+    assert video.stats.dropped_slow_client >= 3, video.stats
+    frames: list[AvatarVideoEvent] = []
+
+    async def read() -> None:
+        async for frame in video.frames():
+            frames.append(frame)
+
+    reader = asyncio.create_task(read())
+    question = await user_says(tts_engine, "What is the capital of France?")
+    await push(question)
+    voice: list[AvatarAudioEvent] = []
+    trace = None
+    for _ in range(1500):  # silence until the reply is done
+        await push(silence)
+        while not conv.events.empty():
+            event = conv.events.get_nowait()
+            if isinstance(event, AvatarAudioEvent):
+                voice.append(event)
+            elif isinstance(event, TurnDoneEvent):
+                trace = event.trace
+        if trace is not None:
+            break
+    assert trace is not None and voice
+    await push(np.zeros(SR // 4, np.float32))
+    conv.stop_video()
+    await reader
+    await conv.close()
+    await render.close()
+
+    # The reply's first frame was the live one, rendered after its audio was synthesized.
+    assert trace.first_frame >= trace.tts_first_audio > 0
+    assert trace.first_frame - trace.first_output < 0.5
+    # Frames ran on the session's clock at the configured rate, in order.
+    assert all(f.width == f.height == 64 and f.encoding == "h264" for f in frames)
+    indices = [f.index for f in frames]
+    assert indices == sorted(set(indices))
+    assert all(abs(f.pts_s - f.index / config.fps) < 1e-9 for f in frames)
+    # The voice's pts are on the same timeline: contiguous, and the frames cover them.
+    rate = voice[0].sample_rate
+    pts = [v.pts_s for v in voice]
+    assert all(p is not None for p in pts)
+    gaps = [
+        (b.pts_s or 0.0) - (a.pts_s or 0.0) - len(a.samples) / rate
+        for a, b in itertools.pairwise(voice)
+    ]
+    # Back to back (a clause that came late starts later: the client's buffer ran dry).
+    assert min(gaps) > -2e-3 and sorted(gaps)[len(gaps) // 2] < 2e-3, gaps
+    first_s, last_s = voice[0].pts_s or 0.0, voice[-1].pts_s or 0.0
+    shown = [f for f in frames if first_s <= f.pts_s <= last_s]
+    assert len(shown) >= 0.6 * (last_s - first_s) * config.fps, (len(shown), video.stats)
+    # ... and what those frames show is the reply: the mouth moves while the voice plays
+    # and rests before it.
+    avatar = conv.avatar
+    assert avatar is not None
+    assert max(avatar.mouth_open_at(avatar.pose_time(f.index)) for f in shown) > 0.2
+    assert avatar.mouth_open_at(first_s - 0.3) < 0.05
+    # The video held its frame while the reply was being prepared, then went on.
+    assert video.stats.held > 0
+    # The H.264 stream decodes from the first frame sent (a keyframe), every frame.
+    assert frames[0].key
+    decoder = av.CodecContext.create("h264", "r")
+    decoded = []
+    for f in frames:
+        for packet in decoder.parse(f.data):
+            decoded += [d.to_ndarray(format="rgb24") for d in decoder.decode(packet)]
+    for d in decoder.decode(None):
+        decoded.append(d.to_ndarray(format="rgb24"))
+    assert len(decoded) >= len(frames) - 1
+    assert decoded[0].shape == (64, 64, 3)
+    assert len({d.tobytes() for d in decoded}) > len(decoded) // 2  # the avatar moves

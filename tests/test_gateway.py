@@ -4,6 +4,8 @@ WebSocket on a real uvicorn server, real models for the spoken turns."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import av
 import grpc
 import numpy as np
 import pytest
@@ -19,10 +22,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from parley import clock, rpc
 from parley.audio import float_to_pcm16, resample
+from parley.client import ParleyClient, collect
 from parley.tenancy import TenancyStore, TenantLimits
 from parley.v1 import sessions_pb2, sessions_pb2_grpc
+from PIL import Image
 from redis_support import RedisServer, redis_server  # noqa: F401  (a fixture)
 
+from services.render.config import RenderConfig
+from services.render.engine import RenderEngine
 from services.sessions import http
 from services.sessions.conversation import Engines
 from services.sessions.registry import SessionRegistry
@@ -368,6 +375,7 @@ class StreamLog:
 
     messages: list[dict[str, Any]] = field(default_factory=list)
     audio: list[tuple[dict[str, Any], bytes]] = field(default_factory=list)
+    video: list[tuple[dict[str, Any], bytes]] = field(default_factory=list)
     close_code: int | None = None
 
     def of(self, kind: str) -> list[dict[str, Any]]:
@@ -391,6 +399,7 @@ def connect(
     api_key: str | None,
     *,
     key_in_header: bool = False,
+    query: str = "",
 ) -> Any:
     """A WebSocket as a browser opens it (the key as a subprotocol), or with a header."""
     protocols = [http.WS_SUBPROTOCOL]
@@ -399,23 +408,24 @@ def connect(
         headers["Authorization"] = f"Bearer {api_key}"
     elif api_key is not None:
         protocols.append(http.WS_KEY_SUBPROTOCOL_PREFIX + api_key)
-    url = http_url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/converse"
+    url = http_url.replace("http://", "ws://") + f"/v1/sessions/{session_id}/converse{query}"
     return client.ws_connect(url, protocols=protocols, headers=headers, max_msg_size=1 << 20)
 
 
 async def receive_all(ws: aiohttp.ClientWebSocketResponse, log: StreamLog) -> None:
-    """Record every message until the server closes; audio pairs with its header."""
+    """Record every message until the server closes; audio and video pair with their header."""
     pending_header: dict[str, Any] | None = None
     async for msg in ws:
         if msg.type == aiohttp.WSMsgType.TEXT:
             message = json.loads(msg.data)
-            assert pending_header is None, "an avatar_speech header without its audio"
-            if message["type"] == "avatar_speech":
+            assert pending_header is None, f"a {pending_header} header without its data"
+            if message["type"] in ("avatar_speech", "avatar_video"):
                 pending_header = message
             log.messages.append(message)
         elif msg.type == aiohttp.WSMsgType.BINARY:
-            assert pending_header is not None, "audio without an avatar_speech header"
-            log.audio.append((pending_header, msg.data))
+            assert pending_header is not None, "binary data without a header"
+            kind = log.audio if pending_header["type"] == "avatar_speech" else log.video
+            kind.append((pending_header, msg.data))
             pending_header = None
     log.close_code = ws.close_code
 
@@ -589,3 +599,140 @@ async def test_leases_are_renewed_while_sessions_live(
         await registry.close()
     assert await store.active_sessions(tenant) == []
     assert not record.active
+
+
+# --------------------------------------------------------------------------- live video
+
+VIDEO_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+async def video_registry(engines: Engines, store: TenancyStore) -> AsyncIterator[SessionRegistry]:
+    """A gateway whose sessions have an avatar renderer (small frames: cheap)."""
+    render = RenderEngine(RenderConfig(width=VIDEO_SIZE, height=VIDEO_SIZE))
+    await render.start()
+    sessions = SessionRegistry(dataclasses.replace(engines, render=render), store)
+    yield sessions
+    await sessions.close()
+    await render.close()
+
+
+@pytest.fixture(scope="module")
+async def video_grpc_target(video_registry: SessionRegistry) -> AsyncIterator[str]:
+    server, port = await rpc.make_server(
+        [(sessions_pb2_grpc.add_SessionsServicer_to_server, SessionsServicer(video_registry))],
+        ["parley.v1.Sessions"],
+    )
+    await server.start()
+    yield f"grpc://127.0.0.1:{port}"
+    await server.stop(None)
+
+
+@pytest.fixture(scope="module")
+async def video_http_url(video_registry: SessionRegistry) -> AsyncIterator[str]:
+    server = uvicorn.Server(http.server_config(http.create_app(video_registry), port=0))
+    serving = asyncio.create_task(server.serve())
+    for _ in range(500):
+        if server.started or serving.done():
+            break
+        await asyncio.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    await serving
+
+
+def decode_h264(frames: list[bytes]) -> list[np.ndarray]:
+    """Decode an Annex-B stream from its first frame, as a client joining it would."""
+    decoder = av.CodecContext.create("h264", "r")
+    images = []
+    for data in [*frames, None]:
+        packets = decoder.parse(data) if data is not None else [None]
+        for packet in packets:
+            images += [f.to_ndarray(format="rgb24") for f in decoder.decode(packet)]
+    return images
+
+
+async def test_grpc_converse_sends_live_video_on_the_voices_timeline(
+    video_grpc_target: str, store: TenancyStore, tts_engine: TtsEngine
+) -> None:
+    _, api_key = await new_tenant(store)
+    question = await user_says(tts_engine, "What is the capital of France?")
+    audio = np.concatenate([np.zeros(SR // 4, np.float32), question, np.zeros(SR, np.float32)])
+    async with ParleyClient(video_grpc_target, api_key) as client:
+        session = await client.create_session()
+        reply = await collect(client.converse(session.session_id, audio))
+        assert reply.speech and reply.latencies, reply.others
+        video = reply.video
+        assert len(video) >= 12, len(video)  # ~12 fps for the stream's seconds
+        assert {(v.encoding, v.width, v.height) for v in video} == {
+            ("h264", VIDEO_SIZE, VIDEO_SIZE)
+        }
+        indices = [v.index for v in video]
+        assert indices == sorted(set(indices))
+        # The first frame is a keyframe: the stream decodes from it, frame for frame.
+        images = decode_h264([v.data for v in video])
+        assert len(images) >= len(video) - 1 and images[0].shape == (VIDEO_SIZE, VIDEO_SIZE, 3)
+        # Voice and video share one timeline: the voice's pts fall among the frames'.
+        voice = sorted(reply.speech, key=lambda s: s.start_sample)
+        first_s, last_s = voice[0].pts_s, voice[-1].pts_s
+        assert first_s is not None and last_s is not None and first_s < last_s
+        assert video[0].pts_s < first_s and video[-1].pts_s > last_s
+        [latency] = reply.latencies
+        assert latency.first_output_s is not None and latency.first_frame_s is not None
+        assert latency.first_frame_s - latency.first_output_s < 0.5
+
+        # Voice only: no frames (and the same session takes the new stream).
+        silent = await collect(
+            client.converse(session.session_id, np.zeros(SR // 2, np.float32), video="none")
+        )
+        assert not silent.video
+        await client.end_session(session.session_id)
+
+
+async def test_websocket_video_is_jpeg_by_default_or_h264_or_none(
+    video_http_url: str, client: aiohttp.ClientSession, store: TenancyStore
+) -> None:
+    _, api_key = await new_tenant(store)
+    session_id = await create_session(client, video_http_url, api_key)
+
+    async def stream(query: str, seconds: float | None = 1.0) -> StreamLog:
+        """Send `seconds` of silence and the end (None: nothing); what came back."""
+        log = StreamLog()
+        async with connect(client, video_http_url, session_id, api_key, query=query) as ws:
+            receiving = asyncio.create_task(receive_all(ws, log))
+            if seconds is not None:
+                await send_paced(ws, np.zeros(int(seconds * SR), np.float32))
+                await ws.send_str('{"type": "end"}')
+            await asyncio.wait_for(receiving, timeout=30)
+        return log
+
+    jpeg = await stream("")
+    assert jpeg.close_code == 1000, jpeg.messages[-3:]
+    ready = jpeg.messages[0]
+    assert ready["video_out"] == {
+        "encoding": "jpeg", "width": VIDEO_SIZE, "height": VIDEO_SIZE, "fps": 12
+    }  # fmt: skip
+    assert len(jpeg.video) >= 8, len(jpeg.video)  # 12 fps over ~1.2 s
+    for header, data in jpeg.video:
+        assert set(header) == {"type", "index", "pts_s", "width", "height", "encoding", "key"}
+        assert header["encoding"] == "jpeg" and header["key"]
+        assert header["pts_s"] == pytest.approx(header["index"] / 12, abs=1e-6)
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "JPEG" and image.size == (VIDEO_SIZE, VIDEO_SIZE)
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg.video[-1][1])))
+    assert pixels.std() > 10  # the avatar, not a flat background
+
+    h264 = await stream("?video=h264")
+    assert h264.messages[0]["video_out"]["encoding"] == "h264"
+    assert h264.video[0][0]["key"] and not all(h["key"] for h, _ in h264.video)
+    assert len(decode_h264([data for _, data in h264.video])) >= len(h264.video) - 1
+
+    none = await stream("?video=none", seconds=0.3)
+    assert none.messages[0]["video_out"] is None and not none.video and none.close_code == 1000
+
+    bad = await stream("?video=vp9", seconds=None)
+    [error] = bad.of("error")
+    assert error["code"] == "INVALID_ARGUMENT" and "'vp9'" in error["message"]
+    assert bad.close_code == 4400

@@ -421,3 +421,34 @@ async def test_a_spoken_turn_over_the_websocket_through_serve(
     assert finals and "italy" in finals[0].lower(), finals
     assert {"avatar_text", "avatar_speech", "latency"} <= kinds, kinds
     assert binary >= 2  # audio (and video) payloads
+
+
+async def test_health_and_reflection_answer_on_the_serve_port(channel: grpc.aio.Channel) -> None:
+    """Standard clients reach them with the metadata `application: sessions`."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "parley.v1.Sessions"):
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await health.Check(request, metadata=app("sessions"))
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        unknown = health_pb2.HealthCheckRequest(service="parley.v1.Nope")
+        await health.Check(unknown, metadata=app("sessions"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    asks = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="parley.v1.Sessions"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="parley.v1.Nope"),
+    ]
+    answers = [
+        a async for a in reflection.ServerReflectionInfo(requests(asks), metadata=app("sessions"))
+    ]
+    listed = {s.name for s in answers[0].list_services_response.service}
+    assert {"parley.v1.Sessions", "parley.v1.Asr", "grpc.health.v1.Health"} <= listed
+    files = answers[1].file_descriptor_response.file_descriptor_proto
+    assert any(b"parley/v1/sessions.proto" in f for f in files)
+    assert answers[2].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
                      help='"mm-hm" trials while the avatar talks (0: none)')  # fmt: skip
     lat.add_argument("--speculation", choices=("on", "off", "both"), default="both",
                      help="speculative replies; both: every turn with and without")  # fmt: skip
+    lat.add_argument("--target", default=None,
+                     help="also say every turn to this server (grpc://host:port, e.g. parley"
+                          " serve's) and compare it with the in-process engine")  # fmt: skip
+    lat.add_argument("--api-key", default=None, help="for --target (default: $PARLEY_API_KEY)")
+    lat.add_argument("--application", default="sessions",
+                     help="Serve application metadata for --target ('' for none)")  # fmt: skip
+    lat.add_argument("--video", choices=("h264", "jpeg", "none"), default="h264",
+                     help="live video asked of --target")  # fmt: skip
 
     asr = bench_sub.add_parser("asr", help="WER and decode time of each ASR candidate")
     asr.add_argument("--audio-dir", type=Path, action="append", default=None,
@@ -58,11 +67,17 @@ def main(argv: list[str] | None = None) -> int:
 
     srv = sub.add_parser("serve", help="run every service on a local Ray Serve cluster (CPU)")
     srv.add_argument(
-        "--config", type=Path, default=None, help="Serve config (deploy/helm/parley/files/serve-config.yaml)"
+        "--config",
+        type=Path,
+        default=None,
+        help="Serve config (deploy/helm/parley/files/serve-config.yaml)",
     )
     srv.add_argument("--grpc-port", type=int, default=None)
     srv.add_argument("--http-port", type=int, default=None)
     srv.add_argument("--apps", default="", help="comma-separated subset of applications")
+    srv.add_argument("--redis-url", default=None,
+                     help="Redis of the sessions gateway's API keys (default: the config's,"
+                          " else $PARLEY_REDIS_URL)")  # fmt: skip
 
     from parley import keys_cli, talk_cli
 
@@ -80,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
             from loadtest.latency import demo as run_demo
 
             run_demo(args.out, args.llm_model)
+        elif args.command == "bench" and args.bench == "latency" and args.target:
+            from loadtest.latency import bench_latency_target
+
+            if args.turns is not None and args.turns < 1:
+                raise InvalidInput("--turns must be at least 1")
+            api_key = args.api_key or os.environ.get("PARLEY_API_KEY")
+            bench_latency_target(
+                args.audio_dir, args.turns, args.json, args.target, api_key,
+                args.application, args.video, args.llm_model,
+            )  # fmt: skip
         elif args.command == "bench" and args.bench == "latency":
             from loadtest.latency import bench_latency
 
@@ -115,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "talk":
             return talk_cli.run(args)
         elif args.command == "serve":
-            serve(args.config, args.grpc_port, args.http_port, args.apps)
+            serve(args.config, args.grpc_port, args.http_port, args.apps, args.redis_url)
         elif args.command == "corpus" and args.corpus == "real":
             from loadtest.realspeech import build_real_speech
 
@@ -130,7 +155,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def serve(config: Path | None, grpc_port: int | None, http_port: int | None, apps: str) -> None:
+def serve(
+    config: Path | None,
+    grpc_port: int | None,
+    http_port: int | None,
+    apps: str,
+    redis_url: str | None = None,
+) -> None:
     """Start a local Ray cluster and all applications; stop cleanly on Ctrl-C."""
     import signal
     import time
@@ -147,22 +178,28 @@ def serve(config: Path | None, grpc_port: int | None, http_port: int | None, app
         http_port=http_port,
         applications=wanted,
     )
+    if redis_url is not None:
+        for app in schema.applications:
+            if app.import_path == "services.sessions.deployment:build":
+                app.args.setdefault("config", {})["redis_url"] = redis_url
     import ray
     from ray import serve as ray_serve
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    # Ctrl-C, and SIGTERM as Kubernetes and process managers send it (a background
-    # job may have inherited an ignored SIGINT).
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     started = time.monotonic()
     parley_serve.init_local_ray()
+    # Ctrl-C, and SIGTERM as Kubernetes and process managers send it (a background job
+    # may have inherited an ignored SIGINT). Installed after ray.init, whose own SIGTERM
+    # handler logs a stack and exits without stopping Serve.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         addresses = parley_serve.deploy(schema)
         print(f"parley: serving {', '.join(addresses.applications)}"
-              f" in {time.monotonic() - started:.1f} s")  # fmt: skip
+              f" in {time.monotonic() - started:.1f} s,"
+              f" {parley_serve.cluster_memory_mb():.0f} MB (PSS of every Ray process)")  # fmt: skip
         # Serve 2.60 binds the gRPC port on every interface (it has no host option).
         print(f"  gRPC  {addresses.grpc}  (metadata application=<name>; listening on ALL"
               " interfaces: firewall it)")  # fmt: skip

@@ -12,6 +12,8 @@
                 print(event.text, end="")
             elif isinstance(event, AvatarSpeech):
                 play(event.samples, event.sample_rate)
+            elif isinstance(event, AvatarVideo):  # H.264 Annex-B by default (`video=`)
+                decode(event.data)  # show it when the audio of pts `event.pts_s` plays
         await client.end_session(session.session_id)
 
 Every call carries the API key as `authorization: Bearer <key>`. Failed calls raise a
@@ -265,13 +267,15 @@ class AvatarText:
 class AvatarSpeech:
     """A piece of the avatar's voice: float32 mono samples at `sample_rate` (24 kHz),
     `start_sample` its place in the session's avatar audio stream, and the phonemes
-    (positions in that same stream) that start in it."""
+    (positions in that same stream) that start in it. `pts_s`: where its first sample
+    plays on the avatar's timeline, that of `AvatarVideo.pts_s` (None: no renderer)."""
 
     samples: np.ndarray
     sample_rate: int
     start_sample: int
     phonemes: list[Phoneme]
     turn: int
+    pts_s: float | None = None
 
     @property
     def duration_s(self) -> float:
@@ -280,7 +284,10 @@ class AvatarSpeech:
 
 @dataclass(frozen=True, slots=True)
 class AvatarVideo:
-    """A video frame of the avatar (`encoding` rgb24 or h264), `pts_s` on the audio's timeline."""
+    """A frame of the avatar's live video: `encoding` "h264" (Annex-B; a stream's first
+    frame is a keyframe, so decoding can start there) or "jpeg", `pts_s` when it shows on
+    the avatar's timeline (that of `AvatarSpeech.pts_s`), `index` = pts_s × fps (gaps:
+    frames skipped because rendering fell behind or the client read slowly)."""
 
     data: bytes
     encoding: str
@@ -364,6 +371,7 @@ def event_from_proto(ev: sessions_pb2.ServerEvent) -> Event | None:
             start_sample=s.audio.start_sample,
             phonemes=wire.phonemes_from_proto(s.phonemes),
             turn=s.turn,
+            pts_s=s.pts_s or None,
         )
     if kind == "avatar_video":
         v = ev.avatar_video
@@ -551,9 +559,14 @@ class ParleyClient:
         audio: AsyncIterable[np.ndarray] | np.ndarray,
         *,
         realtime: bool = True,
+        video: Literal["h264", "jpeg", "none"] = "h264",
     ) -> AsyncGenerator[Event, None]:
         """Stream the user's audio (16 kHz mono: float32 in [-1, 1] or int16) into the
         session; yield the server's events as they come.
+
+        `video`: the encoding of the avatar's live video (`AvatarVideo` events; none
+        from a server without a renderer), or "none" for voice only. Read the events
+        promptly: a slow reader gets fewer video frames.
 
         Audio goes out in 20 ms frames, paced in real time with `realtime` (a WAV played
         like a microphone; a live source passes at its own pace). When `audio` ends the
@@ -575,7 +588,9 @@ class ParleyClient:
             try:
                 await call.write(
                     sessions_pb2.ClientEvent(
-                        start=sessions_pb2.ConverseStart(session_id=session_id)
+                        start=sessions_pb2.ConverseStart(
+                            session_id=session_id, video_encoding=video
+                        )
                     )
                 )
                 position = 0
@@ -626,6 +641,7 @@ class Reply:
     transcripts: list[UserTranscript] = field(default_factory=list)
     texts: list[AvatarText] = field(default_factory=list)
     speech: list[AvatarSpeech] = field(default_factory=list)
+    video: list[AvatarVideo] = field(default_factory=list)
     latencies: list[TurnLatency] = field(default_factory=list)
     others: list[Event] = field(default_factory=list)
 
@@ -636,6 +652,8 @@ class Reply:
             self.texts.append(event)
         elif isinstance(event, AvatarSpeech):
             self.speech.append(event)
+        elif isinstance(event, AvatarVideo):
+            self.video.append(event)
         elif isinstance(event, TurnLatency):
             self.latencies.append(event)
         else:

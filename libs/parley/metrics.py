@@ -51,6 +51,10 @@ RENDER_FRAMES_DROPPED = Counter(
     "parley_render_frames_dropped_total",
     "Video frames skipped because rendering fell behind real time",
 )
+VIDEO_FRAMES_DROPPED_SLOW_CLIENT = Counter(
+    "parley_video_frames_dropped_slow_client_total",
+    "Live video frames not rendered because the client had not taken the frames before",
+)
 RENDER_FRAME_SECONDS = Histogram(
     "parley_render_frame_seconds",
     "Seconds to render one video frame (pose, deformation, rasterisation); its count"

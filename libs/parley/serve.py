@@ -255,3 +255,21 @@ def init_local_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     kwargs.setdefault("logging_level", "WARNING")
     kwargs.setdefault("log_to_driver", os.environ.get("PARLEY_RAY_LOGS", "") == "1")
     ray.init(num_cpus=num_cpus or os.cpu_count() or 2, namespace="serve", **kwargs)
+
+
+def cluster_memory_mb() -> float:
+    """Memory of this process and every process it started (the local Ray cluster), in MB.
+
+    PSS (proportional set size): shared pages (Ray's object store, the models' mapped
+    files) are split between the processes that map them, so the sum is not inflated.
+    """
+    import psutil
+
+    me = psutil.Process()
+    total = 0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total / 2**20

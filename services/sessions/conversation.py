@@ -5,10 +5,17 @@
                    ├─ SPECULATE ─► reply started on the pause's words, held back
                    └─ END_OF_TURN ─► reply released (same words) or started afresh
                         LLM tokens ─► clause chunker ─► TTS ─► paced audio out
-                                                           └► avatar (first frame of each reply)
+                                                           └► avatar timeline ─► live video
 
 Plain async Python (no gRPC, no Ray): the servicer, the demo and the benchmark
 all drive this class.
+
+Avatar (with `Engines.render`): each reply's audio is placed on the avatar's timeline,
+which is session time (the avatar idles between replies), and every audio event carries
+its place there (`pts_s`). While a stream shows video (`start_video`, see
+`services/sessions/video.py`) frames are rendered live on that timeline on one render
+thread; otherwise only the frame shown with each reply's first audio is rendered, to
+time it. Either way that frame's time is the turn's `first_frame` milestone.
 
 Speculation: when the words of a pause are in and may be the whole turn, the
 reply starts at once (LLM and TTS run, nothing is sent). If the turn then ends on
@@ -43,6 +50,7 @@ from services.asr.engine import Activity, AsrEngine, Transcript
 from services.llm.engine import ChatMessage, GenerationStats, LlmEngine
 from services.render.engine import AvatarStream, RenderEngine
 from services.sessions.trace import TurnTrace
+from services.sessions.video import LiveVideo, LiveVideoConfig, init_render_thread, render_timed
 from services.tts.engine import Speech, TtsEngine
 from services.turn.detector import DetectorEvent, EventKind, ParleyTurnConfig
 from services.turn.engine import TurnEngine
@@ -67,6 +75,10 @@ BACKCHANNEL_MAX_S = 1.0
 #: A held speculative reply starts generating when the detector will wait at least
 #: this much more silence before it decides.
 SPECULATE_WAIT_S = 0.15
+#: Live video holds its frame from the end of the user's speech until the reply's first
+#: audio (at most this long): the render thread then takes no CPU from the stages that
+#: decide the turn and prepare the reply (see services/sessions/video.py).
+VIDEO_HOLD_MAX_S = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +101,9 @@ class AvatarAudioEvent:
     start_sample: int  # position in the avatar's output stream
     phonemes: list[Phoneme]
     turn: int
+    #: Seconds on the avatar's timeline (that of the video's pts) where its first sample
+    #: plays; None without an avatar.
+    pts_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +124,8 @@ class Engines:
     turn: TurnEngine = field(default_factory=TurnEngine)
     #: The avatar renderer; without one, conversations are voice only.
     render: RenderEngine | None = None
+    #: Live video of the avatar (fps, size, encodings' settings), with a renderer.
+    video: LiveVideoConfig = field(default_factory=LiveVideoConfig)
 
     def _all(self) -> list[AsrEngine | LlmEngine | TtsEngine | TurnEngine | RenderEngine]:
         engines: list[AsrEngine | LlmEngine | TtsEngine | TurnEngine | RenderEngine]
@@ -203,10 +220,21 @@ class Conversation:
         # The avatar's video timeline is session time (it idles between replies), unlike
         # the audio output stream, which only holds what was said.
         self._started = clock.now()
-        self.avatar: AvatarStream | None = engines.render.stream() if engines.render else None
-        self._render_executor = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="render") if self.avatar else None
-        )
+        self.avatar: AvatarStream | None = None
+        self._render_executor: ThreadPoolExecutor | None = None
+        if engines.render is not None:
+            v = engines.video
+            self.avatar = engines.render.stream(width=v.width, height=v.height, fps=v.fps)
+            # One thread renders this avatar (first frames and live video alike).
+            self._render_executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="render",
+                initializer=init_render_thread,
+                initargs=(engines.render.config.threads, v.render_nice),
+            )
+        #: The live video a stream is showing (start_video), if any.
+        self.video: LiveVideo | None = None
+        self._video_hold_until = 0.0  # wall clock; see VIDEO_HOLD_MAX_S
 
     def prepare(self) -> asyncio.Task[int]:
         """Start reading the persona into the LLM's prefix cache, in the background.
@@ -226,6 +254,36 @@ class Conversation:
         """
         self._prefill = asyncio.create_task(self.engines.llm.prefill([self.persona, *self.history]))
         self._prefill.add_done_callback(_log_prefill_failure)
+
+    # -- video ----------------------------------------------------------------------------
+    def start_video(self, encoding: str = "jpeg") -> LiveVideo:
+        """Start the avatar's live video (one at a time; `stop_video` ends it). Read its
+        frames with `video.frames()`. InvalidInput without a renderer."""
+        if self.avatar is None or self._render_executor is None:
+            raise InvalidInput("this conversation has no avatar renderer: no video")
+        if self._closed:
+            raise InvalidInput("conversation has ended")
+        if self.video is not None:
+            raise InvalidInput("this conversation already streams video")
+        self.video = LiveVideo(
+            self.avatar,
+            self._render_executor,
+            self._started,
+            encoding,
+            self.engines.video,
+            hold=self._video_holds,
+        )
+        self.video.start()
+        return self.video
+
+    def _video_holds(self) -> bool:
+        """Whether live video should hold its frame now: a reply is being prepared."""
+        return clock.now() < self._video_hold_until
+
+    def stop_video(self) -> None:
+        video, self.video = self.video, None
+        if video is not None:
+            video.stop()
 
     # -- input ----------------------------------------------------------------------------
     async def push_audio(self, samples: np.ndarray) -> None:
@@ -280,6 +338,7 @@ class Conversation:
     def _on_turn_event(self, ev: DetectorEvent, at_wall: float) -> None:
         kind = ev.kind
         if kind is EventKind.SPEECH_START:
+            self._video_hold_until = 0.0
             self._drop_speculation()
             if self._reply is not None and not self._reply.done():
                 if self._reply_speaking and self._paused_since is None:
@@ -287,12 +346,14 @@ class Conversation:
                 elif not self._reply_speaking:
                     self._cancel_reply()  # nothing said yet: the user was not done
         elif kind is EventKind.SPEECH_END:
+            self._video_hold_until = clock.now() + VIDEO_HOLD_MAX_S
             self._trace.speech_end = at_wall
         elif kind is EventKind.SPECULATE:
             if self.speculate and ev.text and not self.replying:
                 self._drop_speculation()  # words of an earlier pause, since spoken on
                 self._start_speculation(ev.text)
         elif kind in (EventKind.BACKCHANNEL, EventKind.NOT_SPEECH):
+            self._video_hold_until = 0.0
             if kind is EventKind.BACKCHANNEL:
                 self.backchannels += 1
                 metrics.BACKCHANNELS.inc()
@@ -425,6 +486,7 @@ class Conversation:
         if not user_text:
             if spec is not None:
                 self._count_miss(spec)
+            self._video_hold_until = 0.0
             return  # noise or breath: nothing to answer
         self.turn = trace.turn
         if spec is not None and _same_words(spec.text, user_text):
@@ -528,6 +590,14 @@ class Conversation:
                     self._emit(AvatarTextEvent(event.text, trace.turn))
                 held.clear()
                 self.turn_stream.set_avatar_speaking(True)
+            if clock_start is not None and clock.now() > clock_start + sent:
+                # The clause came after the audio before it had played out: the client's
+                # buffer ran dry and it plays this from now. Pace and place it from now.
+                underrun = clock.now() - (clock_start + sent)
+                trace.extra["underrun_s"] = trace.extra.get("underrun_s", 0.0) + underrun
+                clock_start += underrun
+                if avatar_offset is not None:
+                    avatar_offset = self._avatar_offset(speech.sample_rate)
             if self.avatar is not None and len(speech.samples):
                 if avatar_offset is None:
                     avatar_offset = self._avatar_offset(speech.sample_rate)
@@ -544,6 +614,7 @@ class Conversation:
             for frame in _frames(speech):
                 if clock_start is None:
                     clock_start = clock.now()
+                    self._video_hold_until = 0.0
                     trace.first_output = clock_start
                 # Pace output like a real-time transport, keeping a small lead.
                 delay = clock_start + sent - OUTPUT_LEAD_S - clock.now()
@@ -564,7 +635,10 @@ class Conversation:
                             text=speech.text,
                         )
                         self._place_on_avatar(rest, self.output_position + avatar_offset)
-                self._emit(frame._replace_turn(trace.turn, self.output_position))
+                pts = None
+                if avatar_offset is not None:
+                    pts = (self.output_position + avatar_offset) / frame.sample_rate
+                self._emit(frame._replace_turn(trace.turn, self.output_position, pts))
                 self.output_position += len(frame.samples)
                 sent += len(frame.samples) / frame.sample_rate
         # Let the last audio play out before the reply counts as done.
@@ -587,16 +661,13 @@ class Conversation:
         self.avatar.add_speech(speech.samples, speech.sample_rate, start, phonemes)
 
     def _render_first_frame(self, trace: TurnTrace, at_s: float) -> asyncio.Future[None]:
-        """Render the frame shown with the reply's first audio; its time is a milestone."""
-        assert self.avatar is not None
-        avatar = self.avatar
-        index = math.ceil(at_s * avatar.fps)
-
-        def render() -> None:
-            avatar.render_frame(index)
-            trace.first_frame = clock.now()
-
-        return asyncio.get_running_loop().run_in_executor(self._render_executor, render)
+        """The frame shown with the reply's first audio, rendered; its time is a milestone
+        (the live video's frame when a stream shows video, else rendered for it)."""
+        assert self.avatar is not None and self._render_executor is not None
+        if self.video is not None and self.video.running:
+            return self.video.time_first_frame(trace, at_s)
+        index = math.ceil(at_s * self.avatar.fps)
+        return render_timed(self._render_executor, self.avatar, trace, index)
 
     def _emit(self, event: ConversationEvent) -> None:
         try:
@@ -640,6 +711,7 @@ class Conversation:
 
     async def close(self) -> None:
         self._closed = True
+        self.stop_video()
         if self._prefill is not None:
             self._prefill.cancel()
         self._drop_speculation()
@@ -681,9 +753,9 @@ class _Frame:
     offset: int
     phonemes: list[Phoneme]
 
-    def _replace_turn(self, turn: int, stream_start: int) -> AvatarAudioEvent:
+    def _replace_turn(self, turn: int, stream_start: int, pts_s: float | None) -> AvatarAudioEvent:
         phonemes = shift_phonemes(self.phonemes, stream_start - self.offset)
-        return AvatarAudioEvent(self.samples, self.sample_rate, stream_start, phonemes, turn)
+        return AvatarAudioEvent(self.samples, self.sample_rate, stream_start, phonemes, turn, pts_s)
 
 
 def _frames(speech: Speech) -> list[_Frame]:

@@ -18,9 +18,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health as grpc_health
+from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
 from parley.serve import ServeContext, deployment_args
 from parley.tenancy import TenancyStore
-from parley.v1 import sessions_pb2
+from parley.v1 import asr_pb2, llm_pb2, render_pb2, sessions_pb2, tts_pb2, turn_pb2
 from ray import serve
 from ray.serve import Application
 
@@ -32,6 +36,24 @@ from services.sessions.registry import SessionRegistry
 from services.sessions.servicer import SessionsServicer
 
 log = logging.getLogger(__name__)
+
+SESSIONS_SERVICE = sessions_pb2.DESCRIPTOR.services_by_name["Sessions"].full_name
+#: What reflection describes: every Parley service on this gRPC port, and itself.
+REFLECTED_SERVICES = [
+    *(
+        module.DESCRIPTOR.services_by_name[name].full_name
+        for module, name in (
+            (sessions_pb2, "Sessions"),
+            (asr_pb2, "Asr"),
+            (turn_pb2, "Turn"),
+            (llm_pb2, "Llm"),
+            (tts_pb2, "Tts"),
+            (render_pb2, "Render"),
+        )
+    ),
+    health.SERVICE_NAME,
+    reflection.SERVICE_NAME,
+]
 
 
 @serve.deployment(name="sessions", max_ongoing_requests=256)
@@ -51,6 +73,12 @@ class SessionsDeployment:
             self.engines, tenancy, max_sessions=config.max_sessions, lease_s=config.lease_s
         )
         self.servicer = SessionsServicer(self.registry)
+        # Standard gRPC health checking and reflection, on Serve's gRPC port with the
+        # metadata `application: sessions` (e.g. `grpcurl -H application:sessions`).
+        self.health = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]
+        for name in ("", SESSIONS_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.reflection = AsyncReflectionServicer(REFLECTED_SERVICES)
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(self.registry)
@@ -82,7 +110,29 @@ class SessionsDeployment:
         async for event in self.servicer.Converse(request_stream, context):
             yield event
 
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None
+    ) -> health_pb2.HealthCheckResponse:
+        response: health_pb2.HealthCheckResponse = await self.health.Check(
+            request, ServeContext(grpc_context)
+        )
+        return response
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        async for response in self.health.Watch(request, ServeContext(grpc_context)):
+            yield response
+
+    async def ServerReflectionInfo(
+        self, request_stream: AsyncIterator[Any], grpc_context: Any = None
+    ) -> AsyncIterator[Any]:
+        context = ServeContext(grpc_context, request_stream)
+        async for response in self.reflection.ServerReflectionInfo(request_stream, context):
+            yield response
+
     async def __del__(self) -> None:
+        await self.health.enter_graceful_shutdown()
         await self.registry.close()
         await self.engines.close()
         if self.registry.tenancy is not None:

@@ -2,9 +2,10 @@
 
 Both transports authenticate with the same API key headers and relay a Converse stream
 the same way: claim the session (one stream at a time), push the client's audio into
-its conversation, send the conversation's events back, and on an unclean end
-(disconnect, bad message) drop what the stream left behind so the session starts the
-next stream clean. Only decoding client messages and encoding events differ.
+its conversation, send the conversation's events back (and the avatar's live video, if
+the stream asked for it), and on an unclean end (disconnect, bad message) drop what the
+stream left behind so the session starts the next stream clean. Only decoding client
+messages and encoding events differ.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from services.sessions.registry import (
     StreamInUse,
     tenancy_errors,
 )
+from services.sessions.video import NO_VIDEO, AvatarVideoEvent
+
+#: What a Converse stream sends: the conversation's events and live video frames.
+StreamEvent = ConversationEvent | AvatarVideoEvent
+#: After a half-close, video goes on this long past the reply (the mouth closes on screen).
+VIDEO_TAIL_S = 0.25
 
 #: Who every caller is when the registry has no `TenancyStore` (in-process use).
 LOCAL_PRINCIPAL = Principal(tenant=LOCAL_TENANT, key_id="")
@@ -89,16 +96,27 @@ async def relay(
     audio_in: AsyncIterator[np.ndarray],
     *,
     client_left: Callable[[], bool],
-) -> AsyncGenerator[ConversationEvent, None]:
-    """Push `audio_in` (validated 16 kHz float32) into the conversation; yield its events.
+    video: str = NO_VIDEO,
+) -> AsyncGenerator[StreamEvent, None]:
+    """Push `audio_in` (validated 16 kHz float32) into the conversation; yield its events,
+    and with `video` (an encoding of `services.sessions.video.ENCODINGS`) the avatar's live
+    video frames while the stream lasts (none if the deployment has no renderer).
 
     When `audio_in` ends, the client either half-closed (`client_left()` is False: the
     reply in progress is finished and its events sent before this ends) or went away.
     An error raised by `audio_in` (a bad message) ends this with that error, after the
     events before it. Use under `claim_stream`, and close it with `contextlib.aclosing`
     so that the clean-up below runs when the consumer stops early.
+
+    Video frames are lossy: the next one is taken from the live video only once the
+    consumer has sent the one before (asked for the next event), so a slow client gets
+    fewer frames, never a growing queue.
     """
     closed_cleanly = False
+    live = None
+    if video != NO_VIDEO and conversation.avatar is not None:
+        live = conversation.start_video(video)
+    frame_sent = asyncio.Event()
 
     async def read() -> None:
         nonlocal closed_cleanly
@@ -109,13 +127,46 @@ async def relay(
         if client_left():
             return
         await conversation.wait_idle()  # half-closed: finish the reply in progress
+        if live is not None:
+            await asyncio.sleep(VIDEO_TAIL_S)
         closed_cleanly = True
 
+    async def produce(emit: Callable[[StreamEvent], None]) -> None:
+        async def forward_events() -> None:
+            while True:
+                emit(await conversation.events.get())
+
+        async def forward_video() -> None:
+            assert live is not None
+            async with contextlib.aclosing(live.frames()) as frames:
+                async for frame in frames:
+                    frame_sent.clear()
+                    emit(frame)
+                    await frame_sent.wait()
+
+        forwarders = [asyncio.create_task(forward_events())]
+        if live is not None:
+            forwarders.append(asyncio.create_task(forward_video()))
+        try:
+            await read()
+        finally:
+            for task in forwarders:
+                task.cancel()
+            for task in forwarders:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        while not conversation.events.empty():
+            emit(conversation.events.get_nowait())
+
     try:
-        async with contextlib.aclosing(rpc.forward_while(conversation.events, read())) as events:
+        async with contextlib.aclosing(rpc.relay(produce)) as events:
             async for event in events:
                 yield event
+                if isinstance(event, AvatarVideoEvent):
+                    frame_sent.set()  # the transport has taken it: the next may come
     finally:
+        if live is not None and conversation.video is live:
+            conversation.stop_video()
         if not closed_cleanly and record.active:
             # Disconnected, cancelled or a bad message: nobody hears the reply in progress.
             await asyncio.shield(conversation.drop_stream())

@@ -8,8 +8,9 @@ under uvicorn with the WebSocket message limit this protocol expects.
     GET    /v1/sessions                     the caller's sessions
     GET    /v1/sessions/{id}                one session
     DELETE /v1/sessions/{id}                end it (repeatable) → the ended session
-    WS     /v1/sessions/{id}/converse       the conversation stream
+    WS     /v1/sessions/{id}/converse       the conversation stream (?video=jpeg|h264|none)
     GET    /openapi.json, /docs             the REST contract
+    GET    /                                a page to talk to the avatar (microphone, video)
 
 Auth: `Authorization: Bearer <key>` or `X-API-Key: <key>`. Browsers cannot set headers on
 a WebSocket, so it also takes the key as a subprotocol: offer `["parley.v1",
@@ -22,42 +23,57 @@ Errors are `{"error": {"code": <gRPC status name>, "message": ...}}` with the HT
 object with `"type": "error"`, then a close with code 4000 + the HTTP status (4400, 4401,
 4404, 4409, 4429, 4503); the session itself stays usable (for a new stream).
 
+The stream's video: the query parameter `video` is `jpeg` (the default: each frame a
+JPEG, what a browser draws most simply), `h264` (Annex-B, the stream's first frame a
+keyframe; for WebCodecs or other H.264 decoders) or `none`.
+
 WebSocket messages:
   client → server  binary: 16 kHz mono PCM16 little-endian, ≤ 1 s (32,000 bytes) each,
                    an even byte count; 20 ms (640 bytes) recommended, in real time.
                    text: {"type": "end"} — no more audio; the reply in progress
                    finishes, then the server closes with 1000.
   server → client  text (JSON), by "type":
-                   ready            {session_id, audio_in: {sample_rate, channels, encoding, max_bytes}}
+                   ready            {session_id, audio_in: {sample_rate, channels, encoding, max_bytes},
+                                     video_out: {encoding, width, height, fps} | null}
                    user_transcript  {text, is_final, turn}
                    avatar_text      {text, turn}
                    avatar_speech    {turn, sample_rate, start_sample, num_samples, encoding,
-                                     phonemes: [{phoneme, viseme, start_sample, num_samples}]},
+                                     pts_s, phonemes: [{phoneme, viseme, start_sample, num_samples}]},
                                     followed at once by one binary message: its PCM16 audio
+                   avatar_video     {index, pts_s, width, height, encoding, key}, followed at
+                                    once by one binary message: the encoded frame
                    latency          {turn, asr_final_s, end_of_turn_s, llm_first_token_s,
                                      tts_first_audio_s, first_output_s, first_frame_s} (null: not reached)
                    error            {code, message}, then the close
+
+`pts_s` of avatar_speech (where its first sample plays) and of avatar_video (when the
+frame shows) are seconds on one timeline, the avatar's: play audio gaplessly, and show
+the frame of pts p when the audio of pts p plays (`services/sessions/web/app.js` does).
+Frames come in real time (~40 ms ahead); a client that reads slowly gets fewer frames.
 """
 
 import contextlib
+import html
 import json
 import logging
 import math
 from collections.abc import AsyncIterator, Iterable
 from http import HTTPStatus
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request, Security, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from parley.audio import ASR_SAMPLE_RATE, float_to_pcm16, pcm16_to_float
 from parley.errors import InvalidInput, ModelUnavailable, RequestRefused
 from parley.tenancy import LimitExceeded, Principal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
@@ -75,6 +91,7 @@ from services.sessions.registry import (
     SessionRecord,
     SessionRegistry,
 )
+from services.sessions.video import AvatarVideoEvent, check_encoding
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +107,15 @@ MAX_WS_MESSAGE_BYTES = 64 * 1024
 WS_SUBPROTOCOL = "parley.v1"
 WS_KEY_SUBPROTOCOL_PREFIX = "parley.key."
 AUDIO_ENCODING = "pcm_s16le"
+#: The stream's video when the client does not ask (`?video=`).
+DEFAULT_VIDEO_ENCODING = "jpeg"
+#: The browser page (static files, no build step).
+WEB_DIR = Path(__file__).parent / "web"
+#: The page loads only its own scripts and talks only to this server.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:;"
+    " connect-src 'self'; media-src 'self' blob:; base-uri 'self'; frame-ancestors 'none'"
+)
 #: A WebSocket close reason may hold at most 123 bytes.
 _MAX_CLOSE_REASON_BYTES = 123
 
@@ -350,8 +376,19 @@ def parse_client_text(text: str) -> EndOfAudio:
         ) from None
 
 
-def encode_event(ev: ConversationEvent) -> list[str | bytes]:
-    """A conversation event as WebSocket messages: JSON text, and audio as binary."""
+def encode_event(ev: ConversationEvent | AvatarVideoEvent) -> list[str | bytes]:
+    """A conversation event as WebSocket messages: JSON text, and audio or video as binary."""
+    if isinstance(ev, AvatarVideoEvent):
+        header = _json(
+            type="avatar_video",
+            index=ev.index,
+            pts_s=round(ev.pts_s, 6),
+            width=ev.width,
+            height=ev.height,
+            encoding=ev.encoding,
+            key=ev.key,
+        )
+        return [header, ev.data]
     if isinstance(ev, UserTranscriptEvent):
         return [_json(type="user_transcript", text=ev.text, is_final=ev.is_final, turn=ev.turn)]
     if isinstance(ev, AvatarTextEvent):
@@ -364,6 +401,7 @@ def encode_event(ev: ConversationEvent) -> list[str | bytes]:
             start_sample=ev.start_sample,
             num_samples=len(ev.samples),
             encoding=AUDIO_ENCODING,
+            pts_s=None if ev.pts_s is None else round(ev.pts_s, 6),
             phonemes=[
                 {
                     "phoneme": p.phoneme,
@@ -408,8 +446,18 @@ async def converse(websocket: WebSocket, session_id: str) -> None:
 
     try:
         who = await gateway.authenticate(registry, ws_api_key(websocket.headers.items(), offered))
+        video = check_encoding(websocket.query_params.get("video", DEFAULT_VIDEO_ENCODING))
         record = registry.get(who.tenant, session_id)
         async with gateway.claim_stream(record) as conversation:
+            avatar = conversation.avatar
+            video_out = None
+            if avatar is not None and video != "none":
+                video_out = {
+                    "encoding": video,
+                    "width": avatar.width,
+                    "height": avatar.height,
+                    "fps": avatar.fps,
+                }
             await websocket.send_text(
                 _json(
                     type="ready",
@@ -420,10 +468,11 @@ async def converse(websocket: WebSocket, session_id: str) -> None:
                         "encoding": AUDIO_ENCODING,
                         "max_bytes": MAX_AUDIO_MESSAGE_BYTES,
                     },
+                    video_out=video_out,
                 )
             )
             events = gateway.relay(
-                record, conversation, audio_in(), client_left=lambda: client_left
+                record, conversation, audio_in(), client_left=lambda: client_left, video=video
             )
             async with contextlib.aclosing(events):
                 async for event in events:
@@ -451,6 +500,25 @@ async def _close_with_error(websocket: WebSocket, exc: Exception) -> None:
         await websocket.close(4000 + status, reason)
 
 
+# --------------------------------------------------------------------------- page
+
+
+async def page(request: Request) -> HTMLResponse:
+    """The talk page; its links resolve under the app's mount point (a proxy's prefix)."""
+    base = request.scope.get("root_path", "").rstrip("/") + "/"
+    text = (WEB_DIR / "index.html").read_text(encoding="utf-8")
+    text = text.replace("{{BASE}}", html.escape(base, quote=True))
+    return HTMLResponse(
+        text,
+        headers={
+            "Content-Security-Policy": PAGE_CSP,
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
+
+
 # --------------------------------------------------------------------------- app
 
 
@@ -468,6 +536,8 @@ def create_app(registry: SessionRegistry) -> FastAPI:
     app.state.registry = registry
     app.include_router(router)
     app.add_api_websocket_route("/v1/sessions/{session_id}/converse", converse)
+    app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     app.add_exception_handler(RequestRefused, _on_known_error)
     app.add_exception_handler(InvalidInput, _on_known_error)
     app.add_exception_handler(ModelUnavailable, _on_known_error)

@@ -1,4 +1,9 @@
-"""gRPC servicer for `parley.v1.Sessions`: session lifecycle and the Converse stream."""
+"""gRPC servicer for `parley.v1.Sessions`: session lifecycle and the Converse stream.
+
+Converse sends the avatar's live video as `avatar_video` frames (`ConverseStart.
+video_encoding`: "h264" by default, Annex-B, the stream's first frame a keyframe;
+"jpeg"; "none"), with `pts_s` on the timeline of the `avatar_speech` chunks' `pts_s`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import numpy as np
 from parley import rpc, wire
 from parley.errors import InvalidInput
 from parley.tenancy import Principal
-from parley.v1 import sessions_pb2, sessions_pb2_grpc
+from parley.v1 import render_pb2, sessions_pb2, sessions_pb2_grpc
 
 from services.sessions import gateway
 from services.sessions.conversation import (
@@ -21,6 +26,10 @@ from services.sessions.conversation import (
     UserTranscriptEvent,
 )
 from services.sessions.registry import SessionRecord, SessionRegistry
+from services.sessions.video import AvatarVideoEvent, check_encoding
+
+#: The live video of a Converse stream that does not name an encoding.
+DEFAULT_VIDEO_ENCODING = "h264"
 
 
 def session_to_proto(r: SessionRecord) -> sessions_pb2.Session:
@@ -36,7 +45,18 @@ def session_to_proto(r: SessionRecord) -> sessions_pb2.Session:
     )
 
 
-def event_to_proto(ev: ConversationEvent) -> sessions_pb2.ServerEvent:
+def event_to_proto(ev: ConversationEvent | AvatarVideoEvent) -> sessions_pb2.ServerEvent:
+    if isinstance(ev, AvatarVideoEvent):
+        return sessions_pb2.ServerEvent(
+            avatar_video=render_pb2.VideoFrame(
+                data=ev.data,
+                encoding=ev.encoding,
+                width=ev.width,
+                height=ev.height,
+                pts_s=ev.pts_s,
+                index=ev.index,
+            )
+        )
     if isinstance(ev, UserTranscriptEvent):
         return sessions_pb2.ServerEvent(
             user_transcript=sessions_pb2.UserTranscript(
@@ -53,6 +73,7 @@ def event_to_proto(ev: ConversationEvent) -> sessions_pb2.ServerEvent:
                 audio=wire.audio_to_proto(ev.samples, ev.sample_rate, ev.start_sample),
                 phonemes=wire.phonemes_to_proto(ev.phonemes),
                 turn=ev.turn,
+                pts_s=ev.pts_s or 0.0,
             )
         )
     assert isinstance(ev, TurnDoneEvent)
@@ -122,6 +143,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first Converse message must be a ConverseStart")
+        video = check_encoding(first.start.video_encoding or DEFAULT_VIDEO_ENCODING)
         record = self.registry.get(caller.tenant, first.start.session_id)
 
         async def audio_in() -> AsyncIterator[np.ndarray]:
@@ -132,7 +154,9 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
 
         async with gateway.claim_stream(record) as conversation:
             # The request stream also ends when the client goes away: tell that from a half-close.
-            events = gateway.relay(record, conversation, audio_in(), client_left=context.cancelled)
+            events = gateway.relay(
+                record, conversation, audio_in(), client_left=context.cancelled, video=video
+            )
             async with contextlib.aclosing(events):
                 async for event in events:
                     yield event_to_proto(event)
