@@ -433,7 +433,7 @@ async def run_against_target(
 
     Interleaved turn by turn, so that both see the same machine load; the in-process
     u2u is measured where the conversation emits its first audio, the remote one where
-    the client receives it.
+    the client receives it. Both render the live video asked for.
     """
     from parley.client import ParleyClient
 
@@ -450,6 +450,17 @@ async def run_against_target(
         engines = await load_engines(llm_model)
     conv = Conversation(engines)
     await conv.prepare()
+    # The in-process conversation renders the same live video as the server is asked
+    # for (read and dropped here), so that both sides do the same work.
+    video_reader = None
+    if video != "none" and conv.avatar is not None:
+        frames = conv.start_video(video).frames()
+
+        async def drain() -> None:
+            async for _ in frames:
+                pass
+
+        video_reader = asyncio.create_task(drain())
     local: list[TurnResult] = []
     progress = Progress(
         TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -485,6 +496,8 @@ async def run_against_target(
                     before_each=in_process,
                 )
     finally:
+        if video_reader is not None:
+            video_reader.cancel()
         await conv.close()
         await engines.close()
     local_u2u = [r.u2u_s for r in local if r.u2u_s is not None and r.u2u_s >= 0]

@@ -194,7 +194,7 @@ async def test_client_disconnect_mid_turn_stops_the_reply_and_keeps_the_session(
             if ev.WhichOneof("event") == "avatar_speech":
                 break
         await lost.close(None)
-        record = registry.get(LOCAL_TENANT, session.session_id)
+        record = await registry.get(LOCAL_TENANT, session.session_id)
         conv = record.conversation
         assert conv is not None
         for _ in range(100):  # the server notices the cancellation within a few ms

@@ -64,7 +64,8 @@ def serve_addresses(redis_server: RedisServer) -> Iterator[parley_serve.ServeAdd
         )
         sessions = next(a for a in config.applications if a.name == "sessions")
         sessions.args["config"].update(redis_url=redis_server.url, key_prefix=KEY_PREFIX)
-        sessions.args["config"]["render"] = {"width": 64, "height": 64, "fps": 10}
+        sessions.args["config"]["render"] = {"width": 64, "height": 64}
+        sessions.args["config"]["video"] = {"fps": 10}
         addresses = parley_serve.deploy(config, timeout_s=180)
         assert addresses.http.startswith("http://127.0.0.1:")
         yield addresses

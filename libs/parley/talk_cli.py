@@ -202,7 +202,10 @@ async def _talk(
             _say(args, f"session {session.session_id} (avatar {session.avatar_id}, "
                  f"voice {session.voice})")  # fmt: skip
             silence = np.zeros(int(TRAILING_SILENCE_S * ASR_SAMPLE_RATE), np.float32)
-            stream = client.converse(session.session_id, np.concatenate([audio, silence]))
+            # Voice only: this command keeps no video, so the server renders none.
+            stream = client.converse(
+                session.session_id, np.concatenate([audio, silence]), video="none"
+            )
             async with contextlib.aclosing(stream):
                 async for event in stream:
                     for line in outcome.exchange.add(event):

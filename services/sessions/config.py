@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.render.config import RenderConfig
 from services.sessions.backends.serve_stages import StageApps
 from services.sessions.registry import DEFAULT_LEASE_S
+from services.sessions.video import LiveVideoConfig
 
 
 class SessionsConfig(BaseModel):
@@ -29,6 +30,8 @@ class SessionsConfig(BaseModel):
     lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0, le=86_400)
     #: The avatar renderer each replica runs for its sessions' video; None: voice only.
     render: RenderConfig | None = Field(default_factory=RenderConfig)
+    #: Live video of the conversations (fps, size, encoders).
+    video: LiveVideoConfig = Field(default_factory=LiveVideoConfig)
 
     def effective_redis_url(self) -> str:
         return self.redis_url or os.environ.get("PARLEY_REDIS_URL", "")

@@ -236,6 +236,17 @@ class Conversation:
         self.video: LiveVideo | None = None
         self._video_hold_until = 0.0  # wall clock; see VIDEO_HOLD_MAX_S
 
+    def continue_from(self, history: list[ChatMessage], turns: int) -> asyncio.Task[int]:
+        """Go on from a conversation held elsewhere (another replica): its history (the
+        prompt keeps the last `history_messages`) and turn count; then `prepare`."""
+        if turns < 0:
+            raise InvalidInput("turns must not be negative")
+        keep = self.history_messages
+        self.history = list(history[-keep:]) if keep else []
+        self.turn = turns
+        self._trace = TurnTrace(turn=turns + 1)
+        return self.prepare()
+
     def prepare(self) -> asyncio.Task[int]:
         """Start reading the persona into the LLM's prefix cache, in the background.
 

@@ -7,9 +7,10 @@ WebSocket stream) under the application's route prefix to the FastAPI app of
 `services/sessions/http.py`, built in the replica over the same registry.
 
 The conversations run here; their models are the stage deployments, called
-through Serve handles (`services/sessions/backends/serve_stages.py`). A session
-lives in the replica that created it, so this deployment runs one replica per
-gateway until streams are routed by session (see docs/architecture.md).
+through Serve handles (`services/sessions/backends/serve_stages.py`). Sessions are
+records in Redis (`services/sessions/records.py`), so any replica answers any call: a
+stream that lands on a replica other than the session's first adopts it there, with
+its history (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class SessionsDeployment:
     async def __init__(self, config: SessionsConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
         self.config = config = config or SessionsConfig()
         render = RenderEngine(config.render) if config.render is not None else None
-        self.engines = await serve_engines(config.stages, render)
+        self.engines = await serve_engines(config.stages, render, config.video)
         tenancy = None
         if redis_url := config.effective_redis_url():
             tenancy = TenancyStore.from_url(redis_url, prefix=config.key_prefix)

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 
 import numpy as np
 from parley import rpc
 from parley.tenancy import Principal, Unauthenticated
 
-from services.sessions.conversation import Conversation, ConversationEvent
+from services.sessions.conversation import Conversation, ConversationEvent, TurnDoneEvent
 from services.sessions.registry import (
     LOCAL_TENANT,
     SessionEnded,
     SessionRecord,
     SessionRegistry,
-    StreamInUse,
     tenancy_errors,
 )
 from services.sessions.video import NO_VIDEO, AvatarVideoEvent
@@ -73,23 +72,6 @@ async def authenticate(registry: SessionRegistry, api_key: str | None) -> Princi
         return await registry.tenancy.authenticate(api_key)
 
 
-@contextlib.asynccontextmanager
-async def claim_stream(record: SessionRecord) -> AsyncIterator[Conversation]:
-    """Hold the session's one stream slot while the block runs; its conversation inside.
-
-    `SessionEnded` or `StreamInUse` when the session cannot take a stream.
-    """
-    if not record.active or record.conversation is None:
-        raise SessionEnded(f"session {record.session_id!r} has ended")
-    if record.streaming:
-        raise StreamInUse(f"session {record.session_id!r} already has a Converse stream")
-    record.streaming = True
-    try:
-        yield record.conversation
-    finally:
-        record.streaming = False
-
-
 async def relay(
     record: SessionRecord,
     conversation: Conversation,
@@ -97,6 +79,7 @@ async def relay(
     *,
     client_left: Callable[[], bool],
     video: str = NO_VIDEO,
+    on_turn_done: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncGenerator[StreamEvent, None]:
     """Push `audio_in` (validated 16 kHz float32) into the conversation; yield its events,
     and with `video` (an encoding of `services.sessions.video.ENCODINGS`) the avatar's live
@@ -105,8 +88,9 @@ async def relay(
     When `audio_in` ends, the client either half-closed (`client_left()` is False: the
     reply in progress is finished and its events sent before this ends) or went away.
     An error raised by `audio_in` (a bad message) ends this with that error, after the
-    events before it. Use under `claim_stream`, and close it with `contextlib.aclosing`
-    so that the clean-up below runs when the consumer stops early.
+    events before it. Use under `SessionRegistry.stream`, and close it with
+    `contextlib.aclosing` so that the clean-up below runs when the consumer stops early.
+    `on_turn_done` runs after each turn's latencies went out (the registry saves the turn).
 
     Video frames are lossy: the next one is taken from the live video only once the
     consumer has sent the one before (asked for the next event), so a slow client gets
@@ -164,6 +148,8 @@ async def relay(
                 yield event
                 if isinstance(event, AvatarVideoEvent):
                     frame_sent.set()  # the transport has taken it: the next may come
+                elif isinstance(event, TurnDoneEvent) and on_turn_done is not None:
+                    await on_turn_done()
     finally:
         if live is not None and conversation.video is live:
             conversation.stop_video()

@@ -182,7 +182,7 @@ def session_out(r: SessionRecord) -> SessionOut:
         state="active" if r.active else "ended",
         created_at=r.created_at,
         ended_at=r.ended_at or None,
-        turns=r.conversation.turn if r.conversation else 0,
+        turns=r.turns,
     )
 
 
@@ -325,12 +325,12 @@ async def create_session(
 @router.get("")
 async def list_sessions(who: Caller, registry: Registry) -> SessionList:
     """The caller's sessions, active and recently ended, oldest first."""
-    return SessionList(sessions=[session_out(r) for r in registry.list(who.tenant)])
+    return SessionList(sessions=[session_out(r) for r in await registry.list(who.tenant)])
 
 
 @router.get("/{session_id}")
 async def get_session(session_id: str, who: Caller, registry: Registry) -> SessionOut:
-    return session_out(registry.get(who.tenant, session_id))
+    return session_out(await registry.get(who.tenant, session_id))
 
 
 @router.delete("/{session_id}")
@@ -447,8 +447,8 @@ async def converse(websocket: WebSocket, session_id: str) -> None:
     try:
         who = await gateway.authenticate(registry, ws_api_key(websocket.headers.items(), offered))
         video = check_encoding(websocket.query_params.get("video", DEFAULT_VIDEO_ENCODING))
-        record = registry.get(who.tenant, session_id)
-        async with gateway.claim_stream(record) as conversation:
+        record = await registry.get(who.tenant, session_id)
+        async with registry.stream(record) as conversation:
             avatar = conversation.avatar
             video_out = None
             if avatar is not None and video != "none":
@@ -472,7 +472,12 @@ async def converse(websocket: WebSocket, session_id: str) -> None:
                 )
             )
             events = gateway.relay(
-                record, conversation, audio_in(), client_left=lambda: client_left, video=video
+                record,
+                conversation,
+                audio_in(),
+                client_left=lambda: client_left,
+                video=video,
+                on_turn_done=lambda: registry.save_turn(record),
             )
             async with contextlib.aclosing(events):
                 async for event in events:

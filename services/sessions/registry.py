@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from parley.errors import InvalidInput, RequestRefused
@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from services.render.engine import AVATAR_ID_PATTERN
 from services.sessions.conversation import Conversation, Engines
+from services.sessions.records import SessionRecords, StoredSession
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +104,21 @@ class SessionRecord:
     voice: str
     created_at: float
     ended_at: float = 0.0
+    #: This replica's conversation of the session (None: it lives on another replica).
     conversation: Conversation | None = None
     streaming: bool = False
+    #: Turns as recorded in Redis (a conversation on another replica counts them there).
+    stored_turns: int = 0
+    #: Created on another replica; this one holds its conversation only while streaming.
+    adopted: bool = False
 
     @property
     def active(self) -> bool:
         return not self.ended_at
+
+    @property
+    def turns(self) -> int:
+        return max(self.conversation.turn if self.conversation else 0, self.stored_turns)
 
 
 def session_not_found(session_id: object) -> SessionNotFound:
@@ -143,7 +153,12 @@ class SessionRegistry:
         self._sessions: dict[str, SessionRecord] = {}
         self._admitting = 0  # creations between the capacity check and the record
         self._renewer: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._closed = False
+        #: Shared with every replica of the gateway (None: this process only).
+        self.records = SessionRecords(tenancy.redis, tenancy.prefix) if tenancy else None
+        #: This replica's stream claims in Redis: session id -> token.
+        self._streams: dict[str, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -200,34 +215,128 @@ class SessionRegistry:
             created_at=time.time(),
             conversation=conversation,
         )
+        if self.records is not None:
+            try:
+                with tenancy_errors():
+                    await self.records.put(_stored(record))
+            except Exception:
+                await conversation.close()
+                await self._release(tenant, session_id)
+                raise
         self._sessions[session_id] = record
-        self._start_renewing()
+        self._start_background()
         return record
 
-    def get(self, tenant: str, session_id: str) -> SessionRecord:
-        """The tenant's session; `SessionNotFound` if there is none (or it is another's)."""
-        record = self._sessions.get(session_id) if isinstance(session_id, str) else None
-        if record is None or record.tenant != tenant:
+    async def get(self, tenant: str, session_id: str) -> SessionRecord:
+        """The tenant's session; `SessionNotFound` if there is none (or it is another's).
+
+        With Redis, sessions created on other replicas too (without a conversation here).
+        """
+        if not isinstance(session_id, str):
             raise session_not_found(session_id)
-        return record
+        local = self._sessions.get(session_id)
+        if self.records is None:
+            if local is None or local.tenant != tenant:
+                raise session_not_found(session_id)
+            return local
+        with tenancy_errors():
+            stored = await self.records.get(tenant, session_id)
+        if stored is None:
+            raise session_not_found(session_id)
+        if local is not None and local.tenant == tenant:
+            local.stored_turns = stored.turns
+            if stored.ended_at:  # perhaps ended elsewhere, the news on its way: Redis's time
+                await self._end(local, release=False, at=stored.ended_at)
+                local.ended_at = stored.ended_at
+            return local
+        return _record(stored)
 
-    def list(self, tenant: str) -> list[SessionRecord]:
+    async def list(self, tenant: str) -> list[SessionRecord]:
         """The tenant's sessions (active and recently ended), oldest first."""
-        return [r for r in self._sessions.values() if r.tenant == tenant]
+        if self.records is None:
+            return [r for r in self._sessions.values() if r.tenant == tenant]
+        with tenancy_errors():
+            stored = await self.records.of_tenant(tenant)
+        out = []
+        for s in stored:
+            local = self._sessions.get(s.session_id)
+            if local is not None and local.tenant == tenant:
+                local.stored_turns = s.turns
+                out.append(local)
+            else:
+                out.append(_record(s))
+        return out
 
     async def end(self, tenant: str, session_id: str) -> SessionRecord:
-        """End the tenant's session (ending an ended session is a no-op)."""
-        record = self.get(tenant, session_id)
-        await self._end(record, release=True)
+        """End the tenant's session (ending an ended session is a no-op), on every replica."""
+        record = await self.get(tenant, session_id)
+        if not record.active:
+            return record
+        stamp = time.time()
+        if self.records is not None:
+            with tenancy_errors():
+                ended = await self.records.end(tenant, session_id, stamp)
+                if ended < 0:
+                    raise session_not_found(session_id)
+                if ended == 0:  # another replica ended it just now: its time counts
+                    stored = await self.records.get(tenant, session_id)
+                    stamp = stored.ended_at if stored is not None else stamp
+        await self._end(record, release=True, at=stamp)
         return record
+
+    @contextlib.asynccontextmanager
+    async def stream(self, record: SessionRecord) -> AsyncIterator[Conversation]:
+        """Hold the session's one stream (across replicas) while the block runs; inside,
+        its conversation on this replica, adopted from Redis if it was created elsewhere.
+
+        `SessionEnded` or `StreamInUse` when the session cannot take a stream.
+        """
+        if not record.active:
+            raise SessionEnded(f"session {record.session_id!r} has ended")
+        if record.streaming:
+            raise StreamInUse(f"session {record.session_id!r} already has a Converse stream")
+        record.streaming = True  # before any wait: a second stream here is refused at once
+        token = ""
+        try:
+            if self.records is not None:
+                token = await self._claim(record)
+            conversation = await self._conversation(record)
+            yield conversation
+        finally:
+            record.streaming = False
+            if record.adopted and self._sessions.get(record.session_id) is record:
+                # Its own replica keeps it (and its lease); here it was only this stream's.
+                del self._sessions[record.session_id]
+                if record.conversation is not None:
+                    with contextlib.suppress(Exception):
+                        await record.conversation.close()
+                    record.conversation = None
+            if token:
+                self._streams.pop(record.session_id, None)
+                with contextlib.suppress(RedisError):
+                    await self.records.release_stream(record.session_id, token)  # type: ignore[union-attr]
+
+    async def save_turn(self, record: SessionRecord) -> None:
+        """Write a finished turn (count and history) where every replica sees it."""
+        conversation = record.conversation
+        if self.records is None or conversation is None:
+            return
+        record.stored_turns = conversation.turn
+        try:
+            await self.records.save_turn(
+                record.session_id, conversation.turn, list(conversation.history)
+            )
+        except RedisError as exc:  # the conversation goes on; another replica would lag
+            log.warning("could not save a turn of session %s: %s", record.session_id, exc)
 
     async def close(self) -> None:
         """End every session and free their slots; the registry admits no more."""
         self._closed = True
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        for task in (self._renewer, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         active = [r for r in self._sessions.values() if r.active]
         await asyncio.gather(*(self._end(r, release=True) for r in active))
 
@@ -236,10 +345,10 @@ class SessionRegistry:
     def _active_count(self) -> int:
         return sum(r.active for r in self._sessions.values())
 
-    async def _end(self, record: SessionRecord, *, release: bool) -> None:
+    async def _end(self, record: SessionRecord, *, release: bool, at: float | None = None) -> None:
         if not record.active:
             return
-        record.ended_at = time.time()  # first: a concurrent end returns at once
+        record.ended_at = at or time.time()  # first: a concurrent end returns at once
         try:
             if record.conversation is not None:
                 await record.conversation.close()
@@ -264,9 +373,91 @@ class SessionRegistry:
         ]:
             del self._sessions[record.session_id]
 
-    def _start_renewing(self) -> None:
+    async def _claim(self, record: SessionRecord) -> str:
+        """Claim the session's stream in Redis (one stream across every replica)."""
+        assert self.records is not None and self.tenancy is not None
+        token = uuid.uuid4().hex
+        with tenancy_errors():
+            claimed = await self.records.claim_stream(record.session_id, token, self.lease_s)
+        if claimed < 0:
+            raise SessionEnded(f"session {record.session_id!r} has ended")
+        if claimed == 0:
+            raise StreamInUse(f"session {record.session_id!r} already has a Converse stream")
+        self._streams[record.session_id] = token
+        try:
+            with tenancy_errors():
+                # Its lease may have lapsed (its first replica is gone): then it is over.
+                await self.tenancy.renew_session(
+                    record.tenant, record.session_id, lease_s=self.lease_s
+                )
+        except SessionNotFound:
+            self._streams.pop(record.session_id, None)
+            with contextlib.suppress(RedisError):
+                await self.records.release_stream(record.session_id, token)
+                await self.records.end(record.tenant, record.session_id)
+            raise SessionEnded(f"session {record.session_id!r} has ended") from None
+        except BaseException:
+            self._streams.pop(record.session_id, None)
+            with contextlib.suppress(RedisError):
+                await self.records.release_stream(record.session_id, token)
+            raise
+        return token
+
+    async def _conversation(self, record: SessionRecord) -> Conversation:
+        """This replica's conversation of the session, up to date with the last turn saved."""
+        if self.records is None:
+            if record.conversation is None:
+                raise SessionEnded(f"session {record.session_id!r} has ended")
+            return record.conversation
+        with tenancy_errors():
+            stored = await self.records.get(record.tenant, record.session_id)
+        if stored is None or stored.ended_at:
+            raise SessionEnded(f"session {record.session_id!r} has ended")
+        local = self._sessions.get(record.session_id)
+        if local is not record:  # created on another replica: adopt it here
+            if local is not None:
+                raise StreamInUse(f"session {record.session_id!r} already has a Converse stream")
+            if self._active_count() + self._admitting >= self.max_sessions:
+                raise GatewayAtCapacity(
+                    f"this gateway is at its capacity of {self.max_sessions} sessions; retry later"
+                )
+            record.adopted = True
+            self._sessions[record.session_id] = record
+            self._start_background()
+        conversation = record.conversation
+        created = conversation is None
+        if conversation is None:
+            conversation = Conversation(self.engines, record.persona_prompt)
+            record.conversation = conversation
+        if created or stored.turns > conversation.turn:
+            # Turns happened on another replica: go on from their history.
+            conversation.continue_from(stored.history, stored.turns)
+        record.stored_turns = stored.turns
+        return conversation
+
+    def _start_background(self) -> None:
         if self.tenancy is not None and self._renewer is None:
             self._renewer = asyncio.create_task(self._renew_leases(self.tenancy))
+        if self.records is not None and self._listener is None:
+            self._listener = asyncio.create_task(self._listen_for_ends(self.records))
+
+    async def _listen_for_ends(self, records: SessionRecords) -> None:
+        """End this replica's conversation of a session another replica ended."""
+        while True:
+            try:
+                async with records.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(records.ended_channel)
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        record = self._sessions.get(str(message.get("data")))
+                        if record is not None and record.active:
+                            await self._end(record, release=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: listen again shortly
+                log.warning("listening for ended sessions failed: %s; retrying", exc)
+                await asyncio.sleep(1.0)
 
     async def _renew_leases(self, tenancy: TenancyStore) -> None:
         """Renew every active session's lease at a third of its length, for as long as it lives.
@@ -276,6 +467,10 @@ class SessionRegistry:
         """
         while True:
             await asyncio.sleep(self.lease_s / 3)
+            if self.records is not None:
+                for session_id, token in list(self._streams.items()):
+                    with contextlib.suppress(RedisError):
+                        await self.records.renew_stream(session_id, token, self.lease_s)
             for record in [r for r in self._sessions.values() if r.active]:
                 try:
                     await tenancy.renew_session(
@@ -293,3 +488,28 @@ class SessionRegistry:
                     log.warning("could not renew session %s: %s", record.session_id, exc)
                 except Exception:  # one session's failure must not stop the others' renewals
                     log.exception("renewing session %s failed", record.session_id)
+
+
+def _stored(record: SessionRecord) -> StoredSession:
+    return StoredSession(
+        session_id=record.session_id,
+        tenant=record.tenant,
+        avatar_id=record.avatar_id,
+        persona_prompt=record.persona_prompt,
+        voice=record.voice,
+        created_at=record.created_at,
+        ended_at=record.ended_at,
+    )
+
+
+def _record(stored: StoredSession) -> SessionRecord:
+    return SessionRecord(
+        session_id=stored.session_id,
+        tenant=stored.tenant,
+        avatar_id=stored.avatar_id,
+        persona_prompt=stored.persona_prompt,
+        voice=stored.voice,
+        created_at=stored.created_at,
+        ended_at=stored.ended_at,
+        stored_turns=stored.turns,
+    )

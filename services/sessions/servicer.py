@@ -41,7 +41,7 @@ def session_to_proto(r: SessionRecord) -> sessions_pb2.Session:
         state=sessions_pb2.Session.ACTIVE if r.active else sessions_pb2.Session.ENDED,
         created_at=r.created_at,
         ended_at=r.ended_at,
-        turns=r.conversation.turn if r.conversation else 0,
+        turns=r.turns,
     )
 
 
@@ -119,13 +119,13 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     @rpc.unary("sessions")
     async def GetSession(self, request, context):
         caller = await self._caller(context)
-        return session_to_proto(self.registry.get(caller.tenant, request.session_id))
+        return session_to_proto(await self.registry.get(caller.tenant, request.session_id))
 
     @rpc.unary("sessions")
     async def ListSessions(self, request, context):
         caller = await self._caller(context)
         return sessions_pb2.ListSessionsResponse(
-            sessions=[session_to_proto(r) for r in self.registry.list(caller.tenant)]
+            sessions=[session_to_proto(r) for r in await self.registry.list(caller.tenant)]
         )
 
     @rpc.unary("sessions")
@@ -144,7 +144,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
         if first is None or first.WhichOneof("event") != "start":
             raise InvalidInput("the first Converse message must be a ConverseStart")
         video = check_encoding(first.start.video_encoding or DEFAULT_VIDEO_ENCODING)
-        record = self.registry.get(caller.tenant, first.start.session_id)
+        record = await self.registry.get(caller.tenant, first.start.session_id)
 
         async def audio_in() -> AsyncIterator[np.ndarray]:
             async for msg in request_iterator:
@@ -152,10 +152,15 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
                     raise InvalidInput("after ConverseStart, send only audio")
                 yield wire.audio_from_proto(msg.audio)
 
-        async with gateway.claim_stream(record) as conversation:
+        async with self.registry.stream(record) as conversation:
             # The request stream also ends when the client goes away: tell that from a half-close.
             events = gateway.relay(
-                record, conversation, audio_in(), client_left=context.cancelled, video=video
+                record,
+                conversation,
+                audio_in(),
+                client_left=context.cancelled,
+                video=video,
+                on_turn_done=lambda: self.registry.save_turn(record),
             )
             async with contextlib.aclosing(events):
                 async for event in events:

@@ -31,6 +31,7 @@ from services.llm.config import LlmConfig
 from services.llm.engine import ChatMessage, GenerationParams, GenerationStats, LlmEngine
 from services.render.engine import RenderEngine
 from services.sessions.conversation import Engines
+from services.sessions.video import LiveVideoConfig
 from services.tts.config import TtsConfig
 from services.tts.engine import Speech, TtsEngine
 from services.turn.backends.smart_turn import WINDOW
@@ -177,7 +178,9 @@ async def stage_configs(handles: dict[str, Any]) -> StageConfigs:
     )
 
 
-async def serve_engines(apps: StageApps, render: RenderEngine | None = None) -> Engines:
+async def serve_engines(
+    apps: StageApps, render: RenderEngine | None = None, video: LiveVideoConfig | None = None
+) -> Engines:
     """Engines whose models are the stage deployments (call inside a Serve replica)."""
     from ray import serve
 
@@ -196,6 +199,7 @@ async def serve_engines(apps: StageApps, render: RenderEngine | None = None) -> 
             semantic=ServeTextTurnModel(handles["turn"]) if models["text"] else None,
         ),
         render=render,
+        video=video or LiveVideoConfig(),
     )
     try:
         await engines.start()

@@ -1,0 +1,206 @@
+"""Session records in Redis, shared by every replica of the sessions gateway.
+
+A session is created on one replica, but its later calls (get, list, end, a new
+Converse stream) may land on any other: Serve routes each call to any replica of
+the deployment. So what a session *is* lives here, in Redis, not in a replica:
+
+    {prefix}session:{id}           hash: tenant, avatar_id, persona_prompt, voice,
+                                   created_at, ended_at, turns, history (JSON)
+    {prefix}tenant:{t}:session_records  sorted set of the tenant's session ids by creation
+    {prefix}session:{id}:stream    the replica streaming it now (token; expires unless renewed)
+    {prefix}sessions:ended         pub/sub channel: ids of sessions just ended
+
+A replica keeps a session's `Conversation` (models' state, the live audio) only while
+it holds it; the conversation history is written back after every turn, so a stream
+that lands on another replica goes on with the same history.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from redis.asyncio import Redis
+
+from services.llm.engine import ChatMessage
+
+#: Ended sessions stay readable (get, list) for this long.
+ENDED_TTL_S = 24 * 3600
+#: Most messages of history a record keeps (a conversation keeps fewer in its prompt).
+MAX_HISTORY_MESSAGES = 200
+
+_END = """
+-- KEYS: session hash, ended channel; ARGV: tenant, ended_at, ttl_s, session id
+-- 1: ended now; 0: already ended; -1: no such session of this tenant
+if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return -1 end
+if tonumber(redis.call('HGET', KEYS[1], 'ended_at')) ~= 0 then return 0 end
+redis.call('HSET', KEYS[1], 'ended_at', ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('PUBLISH', KEYS[2], ARGV[4])
+return 1
+"""
+
+_CLAIM = """
+-- KEYS: stream key, session hash; ARGV: token, ttl_ms
+-- 1: claimed; 0: another stream holds it; -1: the session has ended or is gone
+local ended = redis.call('HGET', KEYS[2], 'ended_at')
+if not ended or tonumber(ended) ~= 0 then return -1 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+_RELEASE = """
+-- KEYS: stream key; ARGV: token
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_RENEW = """
+-- KEYS: stream key; ARGV: token, ttl_ms
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+@dataclass(slots=True)
+class StoredSession:
+    session_id: str
+    tenant: str
+    avatar_id: str
+    persona_prompt: str
+    voice: str
+    created_at: float
+    ended_at: float = 0.0
+    turns: int = 0
+    history: list[ChatMessage] = field(default_factory=list)
+
+
+class SessionRecords:
+    """The gateway's sessions in Redis (see the module docstring). Shares the tenancy
+    store's client and key prefix."""
+
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.ended_channel = f"{prefix}sessions:ended"
+        self._end = redis.register_script(_END)
+        self._claim = redis.register_script(_CLAIM)
+        self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(_RENEW)
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}"
+
+    def _stream(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}:stream"
+
+    def _index(self, tenant: str) -> str:
+        # Not `tenant:{t}:sessions`: that is the tenancy store's set of leases.
+        return f"{self.prefix}tenant:{tenant}:session_records"
+
+    async def put(self, s: StoredSession) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self._key(s.session_id),
+                mapping={
+                    "tenant": s.tenant,
+                    "avatar_id": s.avatar_id,
+                    "persona_prompt": s.persona_prompt,
+                    "voice": s.voice,
+                    "created_at": repr(s.created_at),
+                    "ended_at": repr(s.ended_at),
+                    "turns": s.turns,
+                    "history": _dump_history(s.history),
+                },
+            )
+            pipe.zadd(self._index(s.tenant), {s.session_id: s.created_at})
+            await pipe.execute()
+
+    async def get(self, tenant: str, session_id: str) -> StoredSession | None:
+        """The tenant's session, or None (unknown, expired, or another tenant's)."""
+        data = cast(dict[str, str], await self.redis.hgetall(self._key(session_id)))
+        if not data or data.get("tenant") != tenant:
+            return None
+        return _from_hash(session_id, data)
+
+    async def of_tenant(self, tenant: str) -> list[StoredSession]:
+        """The tenant's sessions, oldest first (ended ones until they expire)."""
+        index = self._index(tenant)
+        ids = cast(list[str], await self.redis.zrange(index, 0, -1))
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session_id in ids:
+                pipe.hgetall(self._key(session_id))
+            rows = cast(list[dict[str, str]], await pipe.execute())
+        found, gone = [], []
+        for session_id, data in zip(ids, rows, strict=True):
+            if data and data.get("tenant") == tenant:
+                found.append(_from_hash(session_id, data))
+            else:
+                gone.append(session_id)
+        if gone:  # expired ended sessions leave the index lazily
+            await self.redis.zrem(index, *gone)
+        return found
+
+    async def end(self, tenant: str, session_id: str, ended_at: float | None = None) -> int:
+        """Mark ended and tell every replica: 1 ended now, 0 already ended, -1 not found."""
+        stamp = time.time() if ended_at is None else ended_at
+        keys = [self._key(session_id), self.ended_channel]
+        return int(await self._end(keys=keys, args=[tenant, repr(stamp), ENDED_TTL_S, session_id]))
+
+    async def save_turn(self, session_id: str, turns: int, history: list[ChatMessage]) -> None:
+        """A finished turn: its count and the history a new stream goes on from."""
+        key = self._key(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"turns": turns, "history": _dump_history(history)})
+            await pipe.execute()
+
+    async def claim_stream(self, session_id: str, token: str, ttl_s: float) -> int:
+        """1: this stream holds the session; 0: another does; -1: it has ended or is gone."""
+        keys = [self._stream(session_id), self._key(session_id)]
+        return int(await self._claim(keys=keys, args=[token, int(ttl_s * 1000)]))
+
+    async def renew_stream(self, session_id: str, token: str, ttl_s: float) -> bool:
+        keys = [self._stream(session_id)]
+        return bool(await self._renew(keys=keys, args=[token, int(ttl_s * 1000)]))
+
+    async def release_stream(self, session_id: str, token: str) -> None:
+        await self._release(keys=[self._stream(session_id)], args=[token])
+
+
+def _dump_history(history: list[ChatMessage]) -> str:
+    kept = history[-MAX_HISTORY_MESSAGES:]
+    return json.dumps([{"role": m.role, "content": m.content} for m in kept])
+
+
+def _load_history(text: str) -> list[ChatMessage]:
+    try:
+        items: Any = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(items, list):
+        return []
+    return [
+        ChatMessage(str(m.get("role", "")), str(m.get("content", "")))
+        for m in items
+        if isinstance(m, dict) and m.get("role") in ("user", "assistant")
+    ]
+
+
+def _from_hash(session_id: str, data: dict[str, str]) -> StoredSession:
+    return StoredSession(
+        session_id=session_id,
+        tenant=data["tenant"],
+        avatar_id=data.get("avatar_id", ""),
+        persona_prompt=data.get("persona_prompt", ""),
+        voice=data.get("voice", ""),
+        created_at=float(data.get("created_at", "0")),
+        ended_at=float(data.get("ended_at", "0")),
+        turns=int(data.get("turns", "0")),
+        history=_load_history(data.get("history", "")),
+    )
