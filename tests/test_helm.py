@@ -239,7 +239,12 @@ def test_setting_num_replicas_replaces_autoscaling_and_back() -> None:
     )
     sessions = deployment(scaled, "sessions", "sessions")
     assert "num_replicas" not in sessions
-    assert sessions["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 4}
+    # Merged into the file's autoscaling_config: its target stays.
+    assert sessions["autoscaling_config"] == {
+        "min_replicas": 2,
+        "max_replicas": 4,
+        "target_ongoing_requests": 32,
+    }
     ServeDeploySchema.model_validate(scaled)
 
 
