@@ -8,6 +8,7 @@ user's speech → first avatar audio out), each stage's milestone, and ASR WER.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -450,17 +451,6 @@ async def run_against_target(
         engines = await load_engines(llm_model)
     conv = Conversation(engines)
     await conv.prepare()
-    # The in-process conversation renders the same live video as the server is asked
-    # for (read and dropped here), so that both sides do the same work.
-    video_reader = None
-    if video != "none" and conv.avatar is not None:
-        frames = conv.start_video(video).frames()
-
-        async def drain() -> None:
-            async for _ in frames:
-                pass
-
-        video_reader = asyncio.create_task(drain())
     local: list[TurnResult] = []
     progress = Progress(
         TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -476,7 +466,26 @@ async def run_against_target(
             task = progress.add_task("", total=len(utterances))
 
             async def in_process(i: int) -> None:
-                (r,), _ = await replay(conv, [utterances[i]])
+                # The same live video as the server is asked for (read and dropped), on
+                # during this turn only: this process runs at a higher priority than
+                # Ray's workers (nice 15), and its idle video would slow the remote turn.
+                reader = None
+                if video != "none" and conv.avatar is not None:
+                    frames = conv.start_video(video).frames()
+
+                    async def drain() -> None:
+                        async for _ in frames:
+                            pass
+
+                    reader = asyncio.create_task(drain())
+                try:
+                    (r,), _ = await replay(conv, [utterances[i]])
+                finally:
+                    if reader is not None:
+                        reader.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await reader
+                        conv.stop_video()
                 r.index = i
                 local.append(r)
 
@@ -496,8 +505,6 @@ async def run_against_target(
                     before_each=in_process,
                 )
     finally:
-        if video_reader is not None:
-            video_reader.cancel()
         await conv.close()
         await engines.close()
     local_u2u = [r.u2u_s for r in local if r.u2u_s is not None and r.u2u_s >= 0]

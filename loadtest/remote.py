@@ -99,7 +99,7 @@ class _Listener:
             turn.hypothesis = event.text
         elif isinstance(event, AvatarSpeech) and event.turn not in self.turns_seen:
             self.turns_seen.add(event.turn)
-            if now < turn.true_speech_end - CUT_IN_TOLERANCE_S or not turn.true_speech_end:
+            if now < turn.true_speech_end - CUT_IN_TOLERANCE_S:
                 turn.cut_ins += 1  # a reply to part of the utterance
             elif turn.turn is None:
                 turn.turn, turn.first_audio_at = event.turn, now
@@ -147,18 +147,25 @@ async def replay_remote(
         for i, utt in enumerate(utterances):
             if before_each is not None:
                 other = asyncio.ensure_future(before_each(i))
-                while not other.done():
-                    async for frame in send(silence):
-                        yield frame
+                try:
+                    while not other.done():
+                        async for frame in send(silence):
+                            yield frame
+                finally:
+                    if not other.done():  # the stream failed: stop the other side too
+                        other.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await other
                 other.result()
             turn = RemoteTurn(i, utt.path.name, utt.text)
             listener.current = turn
             lead = np.zeros(int(LEAD_SILENCE_S * ASR_SAMPLE_RATE), np.float32)
             _, end = speech_bounds(utt.audio)
-            began = sent
+            # Known before sending: a fast reply during the utterance's trailing silence
+            # is then measured, not taken for a cut-in.
+            turn.true_speech_end = start + (sent + len(lead) + end) / ASR_SAMPLE_RATE
             async for frame in send(np.concatenate([lead, utt.audio])):
                 yield frame
-            turn.true_speech_end = start + (began + len(lead) + end) / ASR_SAMPLE_RATE
             deadline = clock.now() + REPLY_TIMEOUT_S
             while clock.now() < deadline and not (
                 turn.turn is not None and turn.turn in listener.done_turns

@@ -11,6 +11,7 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +20,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'ray[serve]')")
 
+from browser_support import launch_chromium, microphone_wav, talk_through_page
 from parley import serve as parley_serve
 from parley import wire
 from parley.audio import float_to_pcm16, pcm16_to_float, resample
@@ -39,6 +41,8 @@ from parley.v1 import (
     turn_pb2_grpc,
 )
 from redis_support import RedisServer, redis_server  # noqa: F401  (a fixture)
+
+from services.tts.engine import TtsEngine
 
 KEY_PREFIX = "test-serve:"
 APPS = ["tts", "asr", "llm", "turn", "render", "sessions"]
@@ -453,3 +457,18 @@ async def test_health_and_reflection_answer_on_the_serve_port(channel: grpc.aio.
     files = answers[1].file_descriptor_response.file_descriptor_proto
     assert any(b"parley/v1/sessions.proto" in f for f in files)
     assert answers[2].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+@pytest.fixture
+async def browser(tts_engine: TtsEngine, tmp_path: Path) -> AsyncIterator[Any]:
+    async for chromium in launch_chromium(await microphone_wav(tts_engine, tmp_path)):
+        yield chromium
+
+
+async def test_the_talk_page_through_serve(
+    serve_addresses: parley_serve.ServeAddresses, store: TenancyStore, browser: Any
+) -> None:
+    """The page served by the sessions app, its WebSocket through Serve's HTTP proxy."""
+    _, key = await store.create_key("acme-browser")
+    stats = await talk_through_page(browser, serve_addresses.http, key)
+    assert stats["videoFrames"] >= 20

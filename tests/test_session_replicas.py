@@ -132,3 +132,45 @@ async def test_one_stream_across_replicas_and_history_follows_the_stream(
     assert on_b.conversation is None
     async with a.stream(record) as again:
         assert again.history[-2].content.lower().startswith("and what about spain")
+
+
+async def test_a_stopping_replica_ends_only_its_own_sessions(
+    engines: Engines,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    prefix = f"test-replicas-{next(_prefixes)}:"
+    stores = [TenancyStore.from_url(redis_server.url, prefix=prefix) for _ in range(2)]
+    a, b = (SessionRegistry(engines, store, lease_s=3.0) for store in stores)
+    try:
+        record = await a.create("acme")
+        async with b.stream(await b.get("acme", record.session_id)):
+            pass
+        # Replica b, which streamed a's session, stops: the session goes on, on a.
+        await b.close()
+        assert record.active and (await a.get("acme", record.session_id)).active
+        # Replica a stops: its sessions end for everyone, and free the tenant's slot.
+        await a.close()
+        c = SessionRegistry(engines, stores[1], lease_s=3.0)
+        try:
+            assert not (await c.get("acme", record.session_id)).active
+            assert await stores[1].active_sessions("acme") == []
+        finally:
+            await c.close()
+    finally:
+        await a.close()
+        await b.close()
+        for store in stores:
+            await store.aclose()
+
+
+async def test_ids_that_are_no_session_ids_are_not_found(
+    replicas: tuple[SessionRegistry, SessionRegistry],
+) -> None:
+    a, b = replicas
+    record = await a.create("acme")
+    for bad in (f"{record.session_id}:tenant", f"{record.session_id}:stream", "x" * 10_000, ""):
+        with pytest.raises(SessionNotFound):
+            await b.get("acme", bad)
+        with pytest.raises(SessionNotFound):
+            await b.end("acme", bad)
+    assert (await b.get("acme", record.session_id)).active

@@ -72,12 +72,19 @@ def make_backend(config: AsrConfig) -> AsrBackend:
 class AsrEngine:
     """One per process: the model, the VAD model and one decode thread, shared by all streams."""
 
-    def __init__(self, config: AsrConfig | None = None, backend: AsrBackend | None = None):
+    def __init__(
+        self,
+        config: AsrConfig | None = None,
+        backend: AsrBackend | None = None,
+        *,
+        workers: int = 1,
+    ):
         self.config = config or AsrConfig()
         self.backend = backend or make_backend(self.config)
         self.vad_model = SileroVadModel()
-        # One decode at a time: the backend already uses every core it is given.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
+        # One decode at a time for a model in this process: it already uses every core
+        # it is given. More `workers` for a remote backend, whose calls mostly wait.
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="asr")
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.backend.warm_up)

@@ -25,7 +25,7 @@ class SessionsConfig(BaseModel):
     redis_url: str = ""
     #: Prefix of every Redis key the gateway writes (several deployments may share a Redis).
     key_prefix: str = Field(default=DEFAULT_PREFIX, min_length=1, max_length=64)
-    #: Sessions one replica holds at once (GatewayAtCapacity beyond; 503 / UNAVAILABLE).
+    #: Sessions one replica holds at once (GatewayAtCapacity beyond: RESOURCE_EXHAUSTED / 429).
     max_sessions: int = Field(default=64, ge=1, le=10_000)
     lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0, le=86_400)
     #: The avatar renderer each replica runs for its sessions' video; None: voice only.

@@ -238,14 +238,16 @@ class Conversation:
 
     def continue_from(self, history: list[ChatMessage], turns: int) -> asyncio.Task[int]:
         """Go on from a conversation held elsewhere (another replica): its history (the
-        prompt keeps the last `history_messages`) and turn count; then `prepare`."""
+        prompt keeps the last `history_messages`) and turn count, read ahead at once."""
         if turns < 0:
             raise InvalidInput("turns must not be negative")
         keep = self.history_messages
         self.history = list(history[-keep:]) if keep else []
         self.turn = turns
         self._trace = TurnTrace(turn=turns + 1)
-        return self.prepare()
+        self._read_ahead()  # the new history, even if the old one was read already
+        assert self._prefill is not None
+        return self._prefill
 
     def prepare(self) -> asyncio.Task[int]:
         """Start reading the persona into the LLM's prefix cache, in the background.

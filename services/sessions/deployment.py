@@ -62,14 +62,23 @@ REFLECTED_SERVICES = [
 class SessionsDeployment:
     async def __init__(self, config: SessionsConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
         self.config = config = config or SessionsConfig()
-        render = RenderEngine(config.render) if config.render is not None else None
-        self.engines = await serve_engines(config.stages, render, config.video)
         tenancy = None
         if redis_url := config.effective_redis_url():
             tenancy = TenancyStore.from_url(redis_url, prefix=config.key_prefix)
-            await tenancy.redis.ping()  # fail the replica's start, not the first call
+            try:
+                await tenancy.redis.ping()  # fail the replica's start, not the first call
+            except Exception:
+                await tenancy.aclose()
+                raise
         else:
             log.warning("sessions gateway without a Redis URL: no API keys, one tenant 'local'")
+        render = RenderEngine(config.render) if config.render is not None else None
+        try:
+            self.engines = await serve_engines(config.stages, render, config.video)
+        except BaseException:
+            if tenancy is not None:
+                await tenancy.aclose()
+            raise
         self.registry = SessionRegistry(
             self.engines, tenancy, max_sessions=config.max_sessions, lease_s=config.lease_s
         )
@@ -133,11 +142,14 @@ class SessionsDeployment:
             yield response
 
     async def __del__(self) -> None:
+        registry = getattr(self, "registry", None)
+        if registry is None:  # __init__ failed before the gateway was up
+            return
         await self.health.enter_graceful_shutdown()
-        await self.registry.close()
+        await registry.close()
         await self.engines.close()
-        if self.registry.tenancy is not None:
-            await self.registry.tenancy.aclose()
+        if registry.tenancy is not None:
+            await registry.tenancy.aclose()
 
 
 def build(args: dict[str, Any]) -> Application:

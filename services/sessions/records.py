@@ -51,6 +51,13 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
 
+_SAVE = """
+-- KEYS: session hash; ARGV: turns, history. Writes only into an existing record.
+if redis.call('HEXISTS', KEYS[1], 'tenant') == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'turns', ARGV[1], 'history', ARGV[2])
+return 1
+"""
+
 _RELEASE = """
 -- KEYS: stream key; ARGV: token
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -91,6 +98,7 @@ class SessionRecords:
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
         self._renew = redis.register_script(_RENEW)
+        self._save = redis.register_script(_SAVE)
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}"
@@ -153,12 +161,11 @@ class SessionRecords:
         keys = [self._key(session_id), self.ended_channel]
         return int(await self._end(keys=keys, args=[tenant, repr(stamp), ENDED_TTL_S, session_id]))
 
-    async def save_turn(self, session_id: str, turns: int, history: list[ChatMessage]) -> None:
-        """A finished turn: its count and the history a new stream goes on from."""
-        key = self._key(session_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"turns": turns, "history": _dump_history(history)})
-            await pipe.execute()
+    async def save_turn(self, session_id: str, turns: int, history: list[ChatMessage]) -> bool:
+        """A finished turn: its count and the history a new stream goes on from. False if
+        the record is gone (expired after its end): nothing is written then."""
+        keys = [self._key(session_id)]
+        return bool(await self._save(keys=keys, args=[turns, _dump_history(history)]))
 
     async def claim_stream(self, session_id: str, token: str, ttl_s: float) -> int:
         """1: this stream holds the session; 0: another does; -1: it has ended or is gone."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -53,8 +54,11 @@ MAX_VOICE_CHARS = 64
 LOCAL_TENANT = "local"
 #: A session's slot in Redis lapses this long after its gateway stopped renewing it.
 DEFAULT_LEASE_S = 60.0
-#: Ended sessions stay visible (get/list) until this many newer ones have ended.
+#: Ended sessions stay in this replica's memory until this many newer ones have ended
+#: (with Redis, get/list read the records, which expire a day after their end).
 MAX_ENDED_KEPT = 1000
+#: What `create` makes (uuid4 hex); anything else is no session.
+SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 #: Session ids quoted in error messages are cut to this length.
 _QUOTED_ID_CHARS = 64
 
@@ -219,9 +223,8 @@ class SessionRegistry:
             try:
                 with tenancy_errors():
                     await self.records.put(_stored(record))
-            except Exception:
-                await conversation.close()
-                await self._release(tenant, session_id)
+            except BaseException:  # a failure, or the caller gone: nothing may stay behind
+                await asyncio.shield(self._abandon(conversation, tenant, session_id))
                 raise
         self._sessions[session_id] = record
         self._start_background()
@@ -232,8 +235,8 @@ class SessionRegistry:
 
         With Redis, sessions created on other replicas too (without a conversation here).
         """
-        if not isinstance(session_id, str):
-            raise session_not_found(session_id)
+        if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
+            raise session_not_found(session_id)  # also keeps ids from naming other Redis keys
         local = self._sessions.get(session_id)
         if self.records is None:
             if local is None or local.tenant != tenant:
@@ -282,6 +285,8 @@ class SessionRegistry:
                     stored = await self.records.get(tenant, session_id)
                     stamp = stored.ended_at if stored is not None else stamp
         await self._end(record, release=True, at=stamp)
+        # Our own listener may have ended it first on the news (without releasing).
+        await self._release(tenant, session_id)
         return record
 
     @contextlib.asynccontextmanager
@@ -304,6 +309,9 @@ class SessionRegistry:
             yield conversation
         finally:
             record.streaming = False
+            if token and record.active:
+                # A turn cut short by a disconnect emits no TurnDoneEvent to save it.
+                await asyncio.shield(self.save_turn(record))
             if record.adopted and self._sessions.get(record.session_id) is record:
                 # Its own replica keeps it (and its lease); here it was only this stream's.
                 del self._sessions[record.session_id]
@@ -338,9 +346,38 @@ class SessionRegistry:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         active = [r for r in self._sessions.values() if r.active]
-        await asyncio.gather(*(self._end(r, release=True) for r in active))
+        # Sessions adopted for a stream belong to their first replica, which goes on; this
+        # replica's own sessions end everywhere (nobody would renew their leases).
+        adopted = [r for r in active if r.adopted]
+        owned = [r for r in active if not r.adopted]
+        await asyncio.gather(
+            *(self._drop_adopted(r) for r in adopted),
+            *(self._end_everywhere(r) for r in owned),
+        )
 
     # -- internals ------------------------------------------------------------------------
+
+    async def _abandon(self, conversation: Conversation, tenant: str, session_id: str) -> None:
+        await conversation.close()
+        await self._release(tenant, session_id)
+
+    async def _drop_adopted(self, record: SessionRecord) -> None:
+        """Forget this replica's copy of a session whose own replica goes on."""
+        self._sessions.pop(record.session_id, None)
+        conversation, record.conversation = record.conversation, None
+        if conversation is not None:
+            with contextlib.suppress(Exception):
+                await conversation.close()
+
+    async def _end_everywhere(self, record: SessionRecord, *, release: bool = True) -> None:
+        """End a session here and in Redis (so every replica sees it ended)."""
+        stamp = time.time()
+        if self.records is not None:
+            try:
+                await self.records.end(record.tenant, record.session_id, stamp)
+            except RedisError as exc:
+                log.warning("could not record the end of %s: %s", record.session_id, exc)
+        await self._end(record, release=release, at=stamp)
 
     def _active_count(self) -> int:
         return sum(r.active for r in self._sessions.values())
@@ -429,7 +466,7 @@ class SessionRegistry:
         if conversation is None:
             conversation = Conversation(self.engines, record.persona_prompt)
             record.conversation = conversation
-        if created or stored.turns > conversation.turn:
+        if created or stored.turns != conversation.turn:
             # Turns happened on another replica: go on from their history.
             conversation.continue_from(stored.history, stored.turns)
         record.stored_turns = stored.turns
@@ -469,8 +506,15 @@ class SessionRegistry:
             await asyncio.sleep(self.lease_s / 3)
             if self.records is not None:
                 for session_id, token in list(self._streams.items()):
-                    with contextlib.suppress(RedisError):
-                        await self.records.renew_stream(session_id, token, self.lease_s)
+                    try:
+                        if not await self.records.renew_stream(session_id, token, self.lease_s):
+                            # Lapsed (Redis or this loop stalled for a whole lease): take it
+                            # back unless another stream has it by now.
+                            again = await self.records.claim_stream(session_id, token, self.lease_s)
+                            if again != 1:
+                                log.warning("stream of session %s lost its claim", session_id)
+                    except RedisError as exc:
+                        log.warning("could not renew the stream of %s: %s", session_id, exc)
             for record in [r for r in self._sessions.values() if r.active]:
                 try:
                     await tenancy.renew_session(
@@ -483,7 +527,7 @@ class SessionRegistry:
                             record.session_id,
                             record.tenant,
                         )
-                        await self._end(record, release=False)
+                        await self._end_everywhere(record, release=False)
                 except RedisError as exc:
                     log.warning("could not renew session %s: %s", record.session_id, exc)
                 except Exception:  # one session's failure must not stop the others' renewals

@@ -53,11 +53,18 @@ def make_backend(config: TtsConfig) -> TtsBackend:
 
 
 class TtsEngine:
-    def __init__(self, config: TtsConfig | None = None, backend: TtsBackend | None = None):
+    def __init__(
+        self,
+        config: TtsConfig | None = None,
+        backend: TtsBackend | None = None,
+        *,
+        workers: int = 2,
+    ):
         self.config = config or TtsConfig()
         self.backend = backend or make_backend(self.config)
         self.sample_rate = self.backend.sample_rate
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tts")
+        # Two: the next clause is synthesized while one plays. More for a remote backend.
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tts")
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self.backend.warm_up)

@@ -43,13 +43,22 @@ class TurnEngine:
         *,
         smart_turn: AudioTurnModel | None = None,
         semantic: TextTurnModel | None = None,
+        workers: int = 1,
     ):
-        """`smart_turn` / `semantic`: models to use instead of loading them (e.g. remote ones)."""
+        """`smart_turn` / `semantic`: models to use instead of loading them (e.g. remote ones).
+
+        `workers`: threads for the streams' calls. One for models in this process (they
+        take one call at a time); more for remote models, whose calls mostly wait, so
+        that one session's model call does not hold up the others' frames. A stream's
+        own calls still run one at a time, in order.
+        """
+        if not 1 <= workers <= 64:
+            raise ValueError(f"workers must be within [1, 64], not {workers}")
         self.config = config or TurnConfig()
         self.vad_model = vad_model or SileroVadModel()
         self.smart_turn: AudioTurnModel | None = smart_turn
         self.semantic: TextTurnModel | None = semantic
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="turn")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="turn")
 
     def _load(self) -> None:
         cfg = self.config
@@ -89,14 +98,17 @@ class TurnEngine:
 
 
 class TurnStream:
-    """One session's detector; every call runs on the engine's worker thread, in order."""
+    """One session's detector; every call runs on an engine thread, one at a time, in order."""
 
     def __init__(self, engine: TurnEngine, detector: ParleyTurnDetector) -> None:
         self.engine = engine
         self.detector = detector
+        # In order, one at a time, even when the engine has several threads (FIFO lock).
+        self._turn = asyncio.Lock()
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self.engine.run(fn, *args, **kwargs)
+        async with self._turn:
+            return await self.engine.run(fn, *args, **kwargs)
 
     async def push(self, samples: np.ndarray) -> list[DetectorEvent]:
         return await self._run(self.detector.push_events, samples)

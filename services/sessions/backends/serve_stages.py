@@ -41,6 +41,17 @@ from services.turn.semantic import SemanticScore
 
 #: How long a model call may take before the session gives up on it (a stuck replica).
 CALL_TIMEOUT_S = 30.0
+#: Threads of the sessions replica's engines waiting on stage calls (they only wait).
+REMOTE_WORKERS = 16
+
+
+def _result(response: Any) -> Any:
+    """Wait for a handle call on this (worker) thread; cancel it if it takes too long."""
+    try:
+        return response.result(timeout_s=CALL_TIMEOUT_S)
+    except TimeoutError:
+        response.cancel()  # the stage replica stops working on a call nobody awaits
+        raise
 
 
 class StageApps(BaseModel):
@@ -66,7 +77,7 @@ class ServeAsrBackend:
         """The deployment warmed its model before it took calls."""
 
     def decode(self, audio: np.ndarray) -> Decoded:
-        result: Decoded = self._handle.decode.remote(audio).result(timeout_s=CALL_TIMEOUT_S)
+        result: Decoded = _result(self._handle.decode.remote(audio))
         return result
 
 
@@ -80,8 +91,7 @@ class ServeSmartTurn:
     def probability(self, audio: np.ndarray) -> float:
         # The model hears only its last window: send no more than that.
         window = np.ascontiguousarray(audio[-WINDOW:], dtype=np.float32)
-        response = self._handle.audio_probability.remote(window)
-        return float(response.result(timeout_s=CALL_TIMEOUT_S))
+        return float(_result(self._handle.audio_probability.remote(window)))
 
 
 class ServeTextTurnModel:
@@ -91,9 +101,7 @@ class ServeTextTurnModel:
         self._handle = handle
 
     def score(self, text: str) -> SemanticScore:
-        result: SemanticScore = self._handle.text_score.remote(text).result(
-            timeout_s=CALL_TIMEOUT_S
-        )
+        result: SemanticScore = _result(self._handle.text_score.remote(text))
         return result
 
 
@@ -146,7 +154,7 @@ class ServeTtsBackend:
         """The deployment warmed its voice before it took calls."""
 
     def synthesize(self, text: str) -> Speech:
-        result: Speech = self._handle.synthesize.remote(text).result(timeout_s=CALL_TIMEOUT_S)
+        result: Speech = _result(self._handle.synthesize.remote(text))
         return result
 
 
@@ -188,15 +196,18 @@ async def serve_engines(
     configs = await stage_configs(handles)
     models = await handles["turn"].models.remote()
     engines = Engines(
-        asr=AsrEngine(configs.asr, backend=ServeAsrBackend(handles["asr"])),
+        asr=AsrEngine(configs.asr, backend=ServeAsrBackend(handles["asr"]), workers=REMOTE_WORKERS),
         llm=LlmEngine(configs.llm, backend=ServeLlmBackend(handles["llm"])),
         tts=TtsEngine(
-            configs.tts, backend=ServeTtsBackend(handles["tts"], configs.tts_sample_rate)
+            configs.tts,
+            backend=ServeTtsBackend(handles["tts"], configs.tts_sample_rate),
+            workers=REMOTE_WORKERS,
         ),
         turn=TurnEngine(
             configs.turn,
             smart_turn=ServeSmartTurn(handles["turn"]) if models["audio"] else None,
             semantic=ServeTextTurnModel(handles["turn"]) if models["text"] else None,
+            workers=REMOTE_WORKERS,
         ),
         render=render,
         video=video or LiveVideoConfig(),
