@@ -5,7 +5,6 @@ what the page must do. tests/test_serve.py runs the same against Ray Serve.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -13,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from browser_support import launch_chromium, microphone_wav, talk_through_page
+from gateway_support import http_gateway
 from parley.tenancy import TenancyStore
 from redis_support import RedisServer, redis_server  # noqa: F401  (a fixture)
 
 from services.render.config import RenderConfig
 from services.render.engine import RenderEngine
-from services.sessions import http
 from services.sessions.conversation import Engines
 from services.sessions.registry import SessionRegistry
 from services.tts.engine import TtsEngine
@@ -43,17 +41,8 @@ async def gateway_url(engines: Engines, store: TenancyStore) -> AsyncIterator[st
     render = RenderEngine(RenderConfig(width=SIZE, height=SIZE))
     await render.start()
     registry = SessionRegistry(dataclasses.replace(engines, render=render), store)
-    server = uvicorn.Server(http.server_config(http.create_app(registry), port=0))
-    serving = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started or serving.done():
-            break
-        await asyncio.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await serving
+    async with http_gateway(registry) as url:
+        yield url
     await registry.close()
     await render.close()
 

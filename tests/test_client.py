@@ -16,7 +16,8 @@ import grpc
 import numpy as np
 import pytest
 import soundfile as sf
-from parley import clock, rpc, talk_cli
+from gateway_support import grpc_gateway
+from parley import clock, talk_cli
 from parley.audio import resample, write_wav
 from parley.client import (
     AuthenticationError,
@@ -32,14 +33,12 @@ from parley.client import (
 )
 from parley.errors import InvalidInput
 from parley.tenancy import TenancyStore, TenantLimits
-from parley.v1 import sessions_pb2_grpc
 from parley.visemes import VISEMES, Phoneme
 from redis_support import RedisServer, free_port, redis_server  # noqa: F401  (a fixture)
 
 from loadtest.replay import word_error_rate
 from services.sessions.conversation import Engines
 from services.sessions.registry import SessionRegistry
-from services.sessions.servicer import SessionsServicer
 from services.tts.engine import TtsEngine
 
 SR = 16_000
@@ -59,13 +58,8 @@ async def store(redis_server: RedisServer) -> AsyncIterator[TenancyStore]:  # no
 async def target(engines: Engines, store: TenancyStore) -> AsyncIterator[str]:
     """`grpc://127.0.0.1:PORT` of a sessions server with API keys."""
     registry = SessionRegistry(engines, store)
-    server, port = await rpc.make_server(
-        [(sessions_pb2_grpc.add_SessionsServicer_to_server, SessionsServicer(registry))],
-        ["parley.v1.Sessions"],
-    )
-    await server.start()
-    yield f"grpc://127.0.0.1:{port}"
-    await server.stop(None)
+    async with grpc_gateway(registry) as address:
+        yield f"grpc://{address}"
     await registry.close()
 
 

@@ -17,10 +17,10 @@ import av
 import grpc
 import numpy as np
 import pytest
-import uvicorn
+from gateway_support import grpc_gateway, http_gateway
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from parley import clock, rpc
+from parley import clock
 from parley.audio import float_to_pcm16, resample
 from parley.client import ParleyClient, collect
 from parley.tenancy import TenancyStore, TenantLimits
@@ -33,7 +33,6 @@ from services.render.engine import RenderEngine
 from services.sessions import http
 from services.sessions.conversation import Engines
 from services.sessions.registry import SessionRegistry
-from services.sessions.servicer import SessionsServicer
 from services.tts.engine import TtsEngine
 
 SR = 16_000
@@ -58,28 +57,14 @@ async def registry(engines: Engines, store: TenancyStore) -> AsyncIterator[Sessi
 
 @pytest.fixture(scope="module")
 async def grpc_address(registry: SessionRegistry) -> AsyncIterator[str]:
-    server, port = await rpc.make_server(
-        [(sessions_pb2_grpc.add_SessionsServicer_to_server, SessionsServicer(registry))],
-        ["parley.v1.Sessions"],
-    )
-    await server.start()
-    yield f"127.0.0.1:{port}"
-    await server.stop(None)
+    async with grpc_gateway(registry) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
 async def http_url(registry: SessionRegistry) -> AsyncIterator[str]:
-    server = uvicorn.Server(http.server_config(http.create_app(registry), port=0))
-    serving = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started or serving.done():
-            break
-        await asyncio.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await serving
+    async with http_gateway(registry) as url:
+        yield url
 
 
 @pytest.fixture
@@ -619,28 +604,14 @@ async def video_registry(engines: Engines, store: TenancyStore) -> AsyncIterator
 
 @pytest.fixture(scope="module")
 async def video_grpc_target(video_registry: SessionRegistry) -> AsyncIterator[str]:
-    server, port = await rpc.make_server(
-        [(sessions_pb2_grpc.add_SessionsServicer_to_server, SessionsServicer(video_registry))],
-        ["parley.v1.Sessions"],
-    )
-    await server.start()
-    yield f"grpc://127.0.0.1:{port}"
-    await server.stop(None)
+    async with grpc_gateway(video_registry) as address:
+        yield f"grpc://{address}"
 
 
 @pytest.fixture(scope="module")
 async def video_http_url(video_registry: SessionRegistry) -> AsyncIterator[str]:
-    server = uvicorn.Server(http.server_config(http.create_app(video_registry), port=0))
-    serving = asyncio.create_task(server.serve())
-    for _ in range(500):
-        if server.started or serving.done():
-            break
-        await asyncio.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await serving
+    async with http_gateway(video_registry) as url:
+        yield url
 
 
 def decode_h264(frames: list[bytes]) -> list[np.ndarray]:

@@ -129,7 +129,7 @@ def error_from_status(code: grpc.StatusCode, details: str, trailers: Any) -> Par
 _CORE_INTERNAL_DETAILS = "Internal error from Core"
 
 
-class _FirstStatus:
+class FirstStatus:
     """The first status a streaming call ends with, kept for `error` (a call done-callback).
 
     When the server ends a stream (say NOT_FOUND) while one of our writes is in flight,
@@ -580,7 +580,7 @@ class ParleyClient:
         """
         call = self._stub().Converse(None, metadata=self._metadata)
         send_error: BaseException | None = None
-        server_status = _FirstStatus()
+        server_status = FirstStatus()
         call.add_done_callback(server_status)
 
         async def send() -> None:

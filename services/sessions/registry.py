@@ -57,6 +57,8 @@ DEFAULT_LEASE_S = 60.0
 #: Ended sessions stay in this replica's memory until this many newer ones have ended
 #: (with Redis, get/list read the records, which expire a day after their end).
 MAX_ENDED_KEPT = 1000
+#: How long a new stream waits for the session's previous stream on this replica to end.
+STREAM_HANDOVER_WAIT_S = 1
 #: What `create` makes (uuid4 hex); anything else is no session.
 SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 #: Session ids quoted in error messages are cut to this length.
@@ -163,6 +165,8 @@ class SessionRegistry:
         self.records = SessionRecords(tenancy.redis, tenancy.prefix) if tenancy else None
         #: This replica's stream claims in Redis: session id -> token.
         self._streams: dict[str, str] = {}
+        #: Sessions whose stream here is ending (saving, releasing its claim).
+        self._finishing: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -298,6 +302,11 @@ class SessionRegistry:
         """
         if not record.active:
             raise SessionEnded(f"session {record.session_id!r} has ended")
+        # A client that reconnects at once may find its old stream still letting go here.
+        for _ in range(STREAM_HANDOVER_WAIT_S * 50):
+            if record.session_id not in self._finishing:
+                break
+            await asyncio.sleep(0.02)
         if record.streaming:
             raise StreamInUse(f"session {record.session_id!r} already has a Converse stream")
         record.streaming = True  # before any wait: a second stream here is refused at once
@@ -308,21 +317,29 @@ class SessionRegistry:
             conversation = await self._conversation(record)
             yield conversation
         finally:
-            record.streaming = False
-            if token and record.active:
-                # A turn cut short by a disconnect emits no TurnDoneEvent to save it.
-                await asyncio.shield(self.save_turn(record))
-            if record.adopted and self._sessions.get(record.session_id) is record:
-                # Its own replica keeps it (and its lease); here it was only this stream's.
-                del self._sessions[record.session_id]
-                if record.conversation is not None:
-                    with contextlib.suppress(Exception):
-                        await record.conversation.close()
-                    record.conversation = None
-            if token:
-                self._streams.pop(record.session_id, None)
-                with contextlib.suppress(RedisError):
-                    await self.records.release_stream(record.session_id, token)  # type: ignore[union-attr]
+            self._finishing.add(record.session_id)
+            try:
+                await asyncio.shield(self._let_go(record, token))
+            finally:
+                record.streaming = False
+                self._finishing.discard(record.session_id)
+
+    async def _let_go(self, record: SessionRecord, token: str) -> None:
+        """The end of a stream: save its turns, forget an adopted session, free the claim."""
+        if token and record.active:
+            # A turn cut short by a disconnect emits no TurnDoneEvent to save it.
+            await self.save_turn(record)
+        if record.adopted and self._sessions.get(record.session_id) is record:
+            # Its own replica keeps it (and its lease); here it was only this stream's.
+            del self._sessions[record.session_id]
+            if record.conversation is not None:
+                with contextlib.suppress(Exception):
+                    await record.conversation.close()
+                record.conversation = None
+        if token:
+            self._streams.pop(record.session_id, None)
+            with contextlib.suppress(RedisError):
+                await self.records.release_stream(record.session_id, token)  # type: ignore[union-attr]
 
     async def save_turn(self, record: SessionRecord) -> None:
         """Write a finished turn (count and history) where every replica sees it."""
