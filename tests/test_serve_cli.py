@@ -64,3 +64,14 @@ def test_parley_serve_starts_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_parley_serve_refuses_an_unreachable_redis_before_starting(tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    done = subprocess.run(
+        [str(PARLEY), "serve", "--redis-url", dead, "--grpc-port", str(free_port())],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"cannot reach the sessions gateway's Redis at {dead}" in done.stderr
+    assert "Traceback" not in done.stderr

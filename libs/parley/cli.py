@@ -178,10 +178,14 @@ def serve(
         http_port=http_port,
         applications=wanted,
     )
-    if redis_url is not None:
-        for app in schema.applications:
-            if app.import_path == "services.sessions.deployment:build":
-                app.args.setdefault("config", {})["redis_url"] = redis_url
+    for app in schema.applications:
+        if app.import_path == "services.sessions.deployment:build":
+            gateway = app.args.setdefault("config", {})
+            if redis_url is not None:
+                gateway["redis_url"] = redis_url
+            url = gateway.get("redis_url") or os.environ.get("PARLEY_REDIS_URL", "")
+            if url:
+                _check_redis(url)
     import ray
     from ray import serve as ray_serve
 
@@ -196,7 +200,10 @@ def serve(
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        addresses = parley_serve.deploy(schema)
+        try:
+            addresses = parley_serve.deploy(schema)
+        except (parley_serve.DeployFailed, TimeoutError) as exc:
+            raise InvalidInput(str(exc)) from None
         print(f"parley: serving {', '.join(addresses.applications)}"
               f" in {time.monotonic() - started:.1f} s,"
               f" {parley_serve.cluster_memory_mb():.0f} MB (PSS of every Ray process)")  # fmt: skip
@@ -212,3 +219,16 @@ def serve(
     finally:
         ray_serve.shutdown()
         ray.shutdown()
+
+
+def _check_redis(url: str) -> None:
+    """Fail before starting Ray if the sessions gateway's Redis cannot be reached."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3).ping()
+    except (redis.RedisError, ValueError) as exc:
+        raise InvalidInput(
+            f"cannot reach the sessions gateway's Redis at {url} ({exc}); start redis-server"
+            " or pass --redis-url"
+        ) from None

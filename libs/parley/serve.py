@@ -200,12 +200,13 @@ def deploy(config: Any, *, timeout_s: float = 300.0) -> ServeAddresses:
         apps = status().applications
         states = {n: apps[n].status if n in apps else None for n in names}
         failed = {
-            n: apps[n].message
+            n: _failure(apps[n])
             for n, s in states.items()
             if s in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY)
         }
         if failed:
-            raise RuntimeError(f"Serve applications failed to deploy: {failed}")
+            lines = "\n".join(f"  {name}: {why}" for name, why in failed.items())
+            raise DeployFailed(f"Serve applications failed to deploy:\n{lines}")
         if all(s == ApplicationStatus.RUNNING for s in states.values()):
             break
         if time.monotonic() > deadline:
@@ -220,6 +221,22 @@ def deploy(config: Any, *, timeout_s: float = 300.0) -> ServeAddresses:
     )
     wait_for_grpc_proxy(addresses.grpc, names, timeout_s=max(5.0, deadline - time.monotonic()))
     return addresses
+
+
+class DeployFailed(RuntimeError):
+    """An application of the Serve config did not start (the message says why)."""
+
+
+def _failure(app: Any) -> str:
+    """An application's failure, with its deployments' messages (a replica's exception)."""
+    reasons = [app.message] if app.message else []
+    for name, deployment in (app.deployments or {}).items():
+        message = (deployment.message or "").strip()
+        if message:
+            # A replica's traceback: its last line says what went wrong.
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            reasons.append(f"deployment {name}: {last.strip()}")
+    return "; ".join(reasons) or "no reason given"
 
 
 def wait_for_grpc_proxy(address: str, names: Iterable[str], timeout_s: float = 30.0) -> None:
