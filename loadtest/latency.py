@@ -27,7 +27,13 @@ from parley.visemes import shift_phonemes
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loadtest.corpus import DEFAULT_DIR, load_corpus, speak_as_user, synthesize_default
+from loadtest.corpus import (
+    DEFAULT_DIR,
+    Utterance,
+    load_corpus,
+    speak_as_user,
+    synthesize_default,
+)
 from loadtest.replay import (
     BackchannelResult,
     BargeInResult,
@@ -178,6 +184,30 @@ def summarize(results: list[TurnResult]) -> dict[str, Any]:
     }
 
 
+def corpus_turns(audio_dir: Path | None, turns: int | None) -> tuple[Path, list[Utterance]]:
+    """The corpus (default: the bundled one) and its utterances, cycled to `turns`."""
+    directory = audio_dir or synthesize_default(DEFAULT_DIR)
+    utterances = load_corpus(directory)
+    if turns:
+        utterances = [utterances[i % len(utterances)] for i in range(turns)]
+    return directory, utterances
+
+
+def turn_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=console,
+    )  # fmt: skip
+
+
+def write_report(json_path: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """The full report to `json_path`; its summary to stdout (the bench's JSON output)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["summary"], indent=2))
+    return report
+
+
 async def load_engines(llm_model: str = "") -> Engines:
     engines = Engines(
         asr=AsrEngine(),
@@ -205,10 +235,7 @@ async def run(
     if speculation not in ("on", "off", "both"):
         raise InvalidInput("speculation must be on, off or both")
     console = console or Console(stderr=True)
-    directory = audio_dir or synthesize_default(DEFAULT_DIR)
-    utterances = load_corpus(directory)
-    if turns:
-        utterances = [utterances[i % len(utterances)] for i in range(turns)]
+    directory, utterances = corpus_turns(audio_dir, turns)
     rss_start = rss_mb()
     t0 = clock.now()
     with console.status("loading models (ASR, VAD, LLM, TTS) and warming up"):
@@ -221,10 +248,7 @@ async def run(
     if plain is not None:
         await plain.prepare()
     plain_results: list[TurnResult] = []
-    progress = Progress(
-        TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console,
-    )  # fmt: skip
+    progress = turn_progress(console)
     try:
         with progress:
             task = progress.add_task("", total=len(utterances))
@@ -396,10 +420,7 @@ def bench_latency(
         run(audio_dir, turns, llm_model=llm_model, barge_ins=barge_ins,
             backchannels=backchannels, speculation=speculation)
     )  # fmt: skip
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report["summary"], indent=2))
-    return report
+    return write_report(json_path, report)
 
 
 def demo(out_dir: Path, llm_model: str = "") -> dict[str, Any]:
@@ -443,19 +464,13 @@ async def run_against_target(
     if video not in ("h264", "jpeg", "none"):
         raise InvalidInput("video must be h264, jpeg or none")
     console = console or Console(stderr=True)
-    directory = audio_dir or synthesize_default(DEFAULT_DIR)
-    utterances = load_corpus(directory)
-    if turns:
-        utterances = [utterances[i % len(utterances)] for i in range(turns)]
+    directory, utterances = corpus_turns(audio_dir, turns)
     with console.status("loading the in-process models and warming up"):
         engines = await load_engines(llm_model)
     conv = Conversation(engines)
     await conv.prepare()
     local: list[TurnResult] = []
-    progress = Progress(
-        TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console,
-    )  # fmt: skip
+    progress = turn_progress(console)
     metadata = (("application", application),) if application else ()
 
     def ms(value: float | None) -> str:
@@ -562,7 +577,4 @@ def bench_latency_target(
         run_against_target(audio_dir, turns, target, api_key, application=application,
                            video=video, llm_model=llm_model)
     )  # fmt: skip
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report["summary"], indent=2))
-    return report
+    return write_report(json_path, report)
