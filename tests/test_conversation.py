@@ -16,8 +16,9 @@ from parley.audio import float_to_pcm16, resample
 from parley.v1 import audio_pb2, sessions_pb2, sessions_pb2_grpc
 
 from loadtest.replay import word_error_rate
+from services.render.animation import Pose
 from services.render.config import RenderConfig
-from services.render.engine import RenderEngine
+from services.render.engine import LocalRenderBackend, RenderEngine
 from services.sessions.conversation import (
     AvatarAudioEvent,
     Conversation,
@@ -406,3 +407,49 @@ async def test_live_video_follows_the_voice_and_never_queues_for_a_slow_reader(
     assert len(decoded) >= len(frames) - 1
     assert decoded[0].shape == (64, 64, 3)
     assert len({d.tobytes() for d in decoded}) > len(decoded) // 2  # the avatar moves
+
+
+class FlakyRenderBackend(LocalRenderBackend):
+    """Draws frames here, except calls `lost` (a render replica gone, or timing out)."""
+
+    def __init__(self, config: RenderConfig, lost: range) -> None:
+        super().__init__(config)
+        self.calls = 0
+        self.lost = lost
+
+    def render(self, avatar_id: str, width: int, height: int, pose: Pose) -> np.ndarray:
+        self.calls += 1
+        if self.calls in self.lost:
+            raise TimeoutError("render replica did not answer")
+        return super().render(avatar_id, width, height, pose)
+
+
+async def test_live_video_skips_frames_that_fail_to_render_and_goes_on(engines: Engines) -> None:
+    config = RenderConfig(width=64, height=64)
+    backend = FlakyRenderBackend(config, lost=range(3, 7))
+    render = RenderEngine(config, backend=backend)
+    await render.start()  # warm-up is call 1
+    conv = Conversation(dataclasses.replace(engines, render=render))
+    video = conv.start_video("jpeg")
+    frames: list[AvatarVideoEvent] = []
+    enough = asyncio.Event()
+
+    async def read() -> None:
+        async for frame in video.frames():
+            frames.append(frame)
+            if len(frames) == 8:
+                enough.set()
+
+    reader = asyncio.create_task(read())
+    await asyncio.wait_for(enough.wait(), 10.0)
+    assert video.running  # the failures did not end the video
+    conv.stop_video()
+    await reader
+    await conv.close()
+    await render.close()
+    assert video.stats.failed == 4, video.stats
+    assert len(frames) >= 8 and video.stats.rendered >= 8
+    indices = [f.index for f in frames]
+    assert indices == sorted(set(indices))
+    # The failed frames are missing from the stream, not sent late or twice.
+    assert indices[-1] - indices[0] + 1 >= len(frames) + video.stats.failed

@@ -19,6 +19,7 @@ from parley.visemes import Phoneme
 from prometheus_client import REGISTRY
 from render_support import mouth_dark_pixels
 
+from services.render.animation import Pose
 from services.render.assets import save_ply, save_rig
 from services.render.config import RenderConfig
 from services.render.encoder import H264Encoder, write_mp4
@@ -28,6 +29,7 @@ from services.render.engine import (
     Frame,
     RenderEngine,
     av_offset_s,
+    check_pose,
     voiced_onset_s,
 )
 
@@ -340,3 +342,17 @@ async def test_head_motion_is_subtle_and_glides_with_speaking() -> None:
     fresh = engine.stream("default", 64, 64, 25)
     fresh.add_speech(np.zeros(ms(10.0), np.float32), SR, ms(5.0), [])
     assert fresh.pose_at(12.0) == stream.pose_at(12.0)
+
+
+def test_poses_from_other_processes_are_checked() -> None:
+    assert check_pose(Pose(visemes={"aa": 0.5}, yaw=1.0)).yaw == 1.0
+    for bad, fragment in (
+        ({"visemes": "aa"}, "expected a Pose"),
+        (Pose(visemes={"zz": 1.0}), "unknown viseme 'zz'"),
+        (Pose(visemes={"aa": float("nan")}), "not a finite number"),
+        (Pose(yaw=float("inf")), "finite numbers"),
+        (Pose(translation=(0.0, 1.0)), "3 numbers"),  # type: ignore[arg-type]
+        (Pose(blink_left="x"), "finite numbers"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidInput, match=fragment):
+            check_pose(bad)

@@ -8,15 +8,19 @@ in the `application` metadata, as clients of `parley serve` do.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'ray[serve]')")
 
@@ -42,6 +46,10 @@ from parley.v1 import (
 )
 from redis_support import RedisServer, redis_server  # noqa: F401  (a fixture)
 
+from services.render.assets import save_ply, save_rig
+from services.render.config import RenderConfig
+from services.render.default_avatar import build_default_avatar
+from services.render.engine import RenderEngine
 from services.tts.engine import TtsEngine
 
 KEY_PREFIX = "test-serve:"
@@ -56,19 +64,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: An avatar only the render app has: the default head, all red.
+TINTED = "tinted"
+SH_C0 = 0.28209479  # degree-0 spherical harmonic: colour = 0.5 + SH_C0 * dc
+
+
+def write_tinted_avatar(directory: Path) -> None:
+    avatar = build_default_avatar()
+    sh = torch.zeros_like(avatar.cloud.sh)
+    sh[:, 0, :] = (torch.tensor([0.85, 0.15, 0.15]) - 0.5) / SH_C0
+    save_ply(replace(avatar.cloud, sh=sh), directory / f"{TINTED}.ply")
+    save_rig(avatar.rig, directory / f"{TINTED}.rig.json")
+
+
 @pytest.fixture(scope="module")
-def serve_addresses(redis_server: RedisServer) -> Iterator[parley_serve.ServeAddresses]:  # noqa: F811
+def serve_addresses(
+    redis_server: RedisServer,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[parley_serve.ServeAddresses]:
     import ray
     from ray import serve
 
+    avatars = tmp_path_factory.mktemp("avatars")
+    write_tinted_avatar(avatars)
     parley_serve.init_local_ray(num_cpus=2)
     try:
         config = parley_serve.load_config(
             grpc_port=free_port(), http_port=free_port(), applications=APPS
         )
-        sessions = next(a for a in config.applications if a.name == "sessions")
+        apps = {a.name: a for a in config.applications}
+        apps["render"].args["config"].update(width=64, height=64, avatars_dir=str(avatars))
+        sessions = apps["sessions"]
         sessions.args["config"].update(redis_url=redis_server.url, key_prefix=KEY_PREFIX)
-        sessions.args["config"]["render"] = {"width": 64, "height": 64}
         sessions.args["config"]["video"] = {"fps": 10}
         addresses = parley_serve.deploy(config, timeout_s=180)
         assert addresses.http.startswith("http://127.0.0.1:")
@@ -301,15 +328,33 @@ def sessions_client(address: str, api_key: str | None) -> ParleyClient:
     return ParleyClient(address, api_key=api_key, metadata=app("sessions"))
 
 
+def red_share(rgb: np.ndarray) -> float:
+    """Red's share of the colour of the pixels that are not background."""
+    pixels = rgb.reshape(-1, 3).astype(np.float64)
+    figure = pixels[np.abs(pixels - [237, 237, 242]).max(axis=1) > 24]
+    assert len(figure) > 200, "the avatar is missing from the frame"
+    return float(figure[:, 0].sum() / figure.sum())
+
+
 async def test_a_spoken_turn_over_grpc_through_serve(
     channel: grpc.aio.Channel, serve_address: str, store: TenancyStore
 ) -> None:
-    """The sessions app answers with audio, video and latencies; its models are the stage apps."""
+    """The sessions app answers with audio, video and latencies; its models are the stage
+    apps, and the render app draws the session's own avatar."""
+    from ray import serve
+
+    render = serve.get_app_handle("render")
+    drawn_before = (await render.stats.remote())["frames_rendered"]
     _, key = await store.create_key("acme")
     audio = await question_audio(channel, "What is the capital of France?")
     async with sessions_client(serve_address, key) as client:
-        session = await client.create_session()
-        reply = await collect(client.converse(session.session_id, audio))
+        with pytest.raises(ParleyError) as err:
+            await client.create_session(avatar_id="nobody")
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown avatar 'nobody'" in err.value.details and TINTED in err.value.details
+        session = await client.create_session(avatar_id=TINTED)
+        assert session.avatar_id == TINTED
+        reply = await collect(client.converse(session.session_id, audio, video="jpeg"))
         finals = reply.user_finals
         assert finals and "capital" in finals[0].lower(), finals
         assert "".join(t.text for t in reply.texts).strip() and reply.speech
@@ -319,6 +364,15 @@ async def test_a_spoken_turn_over_grpc_through_serve(
         assert (await client.get_session(session.session_id)).turns == 1
         ended = await client.end_session(session.session_id)
         assert ended.state == "ended"
+
+    # The frames were drawn by the render app, of the session's avatar.
+    assert len(reply.video) >= 10
+    drawn = (await render.stats.remote())["frames_rendered"] - drawn_before
+    assert drawn >= len(reply.video)
+    frame = np.asarray(Image.open(io.BytesIO(reply.video[-1].data)).convert("RGB"))
+    assert frame.shape == (64, 64, 3)
+    default = RenderEngine(RenderConfig(width=64, height=64)).stream().render_frame(0).rgb
+    assert red_share(frame) > red_share(default) + 0.1
 
 
 async def test_sessions_through_serve_need_a_key_and_keep_tenants_apart(

@@ -24,6 +24,9 @@ class RenderConfig(BaseModel):
     #: thread). 1 is the right choice on a busy CPU box: two threads spin-wait on each
     #: other and stall when another stage holds the second core.
     threads: int = Field(default=1, ge=1, le=64)
+    #: Frames one render replica rasterizes at once for the sessions gateway (each on its
+    #: own thread with `threads` torch threads). On a GPU, concurrent frames overlap.
+    workers: int = Field(default=2, ge=1, le=64)
     #: "auto": CUDA when torch sees a GPU (then gsplat rasterizes, if installed).
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Idle head motion: bound of the yaw angle (degrees) while listening and while

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import math
 import re
 import threading
@@ -38,6 +39,7 @@ from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -56,7 +58,7 @@ from services.render.animation import (
 from services.render.assets import Avatar, load_avatar
 from services.render.config import MAX_FPS, MAX_SIZE, MIN_FPS, MIN_SIZE, RenderConfig
 from services.render.default_avatar import AVATAR_ID, build_default_avatar, default_camera
-from services.render.rasterizer import Rasterizer, RasterSettings
+from services.render.rasterizer import Camera, Rasterizer, RasterSettings
 
 #: Avatar ids: letters, digits, '_' and '-' (no dots or slashes: they name files).
 AVATAR_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -300,35 +302,38 @@ def av_offset_s(
 # --- streams -----------------------------------------------------------------------------
 
 
-def _set_threads(threads: int) -> None:
+def set_torch_threads(threads: int) -> None:
+    """Thread initializer: torch's intra-op threads (process-wide in torch)."""
     torch.set_num_threads(threads)
 
 
 class AvatarStream:
     """One avatar's video on one timeline: speech in (``add_speech``, ``clear``), frames
-    out (``render_frame`` for any frame, ``frames()`` paced in real time)."""
+    out (``render_frame`` for any frame, ``frames()`` paced in real time).
+
+    The timeline and the pose of each frame are worked out here; turning a pose into an
+    image is the renderer's (``FrameRenderer``: this process's tensors, or a render
+    replica behind a Serve handle)."""
 
     def __init__(
         self,
-        avatar: Avatar,
-        animator: Animator,
+        profile: AvatarProfile,
+        renderer: FrameRenderer,
         width: int,
         height: int,
         fps: int,
         config: RenderConfig,
         seed: int = 0,
     ) -> None:
-        self.avatar = avatar
+        self.avatar_id = profile.avatar_id
         self.width, self.height, self.fps = width, height, fps
         self.config = config
-        self._animator = animator
-        self._camera = default_camera(width, height)
-        self._rasterizer = Rasterizer(RasterSettings(background=config.background))
+        self._renderer = renderer
         self._blink = BlinkScheduler(seed)
         # Unit amplitude: the listening/speaking amplitude is applied per frame from the
         # timeline (motion_blend), so a frame's pose never depends on earlier calls.
         self._head = HeadMotion(seed, listening_deg=1.0, speaking_deg=1.0)
-        self._jaw_targets = {name: v.jaw_open for name, v in avatar.rig.visemes.items()}
+        self._jaw_targets = dict(profile.jaw_targets)
         self._timeline = _Timeline()
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
@@ -499,7 +504,7 @@ class AvatarStream:
 
     def render_frame(self, index: int) -> Frame:
         """Frame ``index`` (pts = index / fps, pose at ``pose_time(index)``): blocking
-        CPU (or CUDA) work.
+        CPU (or CUDA) work, or a wait for a render replica.
 
         Deterministic: the same speech gives the same image for an index, whatever was
         rendered before. Not re-entrant (one caller at a time per stream).
@@ -508,10 +513,7 @@ class AvatarStream:
             raise ValueError("frame index must be >= 0")
         pts = index / self.fps
         pose, speaking = self._pose(self.pose_time(index))
-        started = clock.now()
-        cloud = self._animator.deform(pose)
-        rgb = self._rasterizer.render(cloud, self._camera).to_uint8()
-        metrics.RENDER_FRAME_SECONDS.observe(clock.now() - started)
+        rgb = self._renderer(pose)
         self.video_s = max(self.video_s, pts)
         self.frames_rendered += 1
         return Frame(rgb, pts, index, speaking, self._jaw(pose.visemes, pose.jaw_open))
@@ -550,7 +552,7 @@ class AvatarStream:
         executor = ThreadPoolExecutor(
             1,
             thread_name_prefix="render",
-            initializer=_set_threads,
+            initializer=set_torch_threads,
             initargs=(self.config.threads,),
         )
         start = clock.now() if start_wall is None else start_wall
@@ -587,34 +589,91 @@ class AvatarStream:
 # --- engine ------------------------------------------------------------------------------
 
 
-class RenderEngine:
-    """Avatars (loaded once, cached) and the streams that render them."""
+@dataclass(frozen=True, slots=True)
+class AvatarProfile:
+    """What a stream needs to know of an avatar away from its Gaussians: how far each
+    viseme opens the jaw (for ``Frame.mouth_open``)."""
 
-    def __init__(self, config: RenderConfig | None = None) -> None:
-        self.config = config or RenderConfig()
-        cfg = self.config
-        if cfg.device == "auto":
+    avatar_id: str
+    jaw_targets: Mapping[str, float]
+
+
+class FrameRenderer(Protocol):
+    """Pose in, HxWx3 uint8 RGB out: the costly half of a frame, for one stream's avatar
+    and frame size."""
+
+    def __call__(self, pose: Pose) -> np.ndarray: ...
+
+
+class RenderBackend(Protocol):
+    """Where avatars live and frames are rasterized (blocking calls, made on worker
+    threads): `LocalRenderBackend` here, or a render replica behind a Serve handle."""
+
+    def avatar_ids(self) -> list[str]: ...
+
+    def profile(self, avatar_id: str) -> AvatarProfile:
+        """The avatar's profile, loading it; InvalidInput for an unknown or bad id."""
+        ...
+
+    def render(self, avatar_id: str, width: int, height: int, pose: Pose) -> np.ndarray: ...
+
+    def warm_up(self) -> None: ...
+
+
+def check_pose(pose: object) -> Pose:
+    """A pose from another process (a render request): known visemes, finite numbers."""
+    if not isinstance(pose, Pose):
+        raise InvalidInput(f"expected a Pose, got {type(pose).__name__}")
+    if not isinstance(pose.visemes, Mapping) or len(pose.visemes) > len(VISEMES):
+        raise InvalidInput("pose visemes must map viseme names to weights")
+    for name, weight in pose.visemes.items():
+        if name not in VISEMES:
+            raise InvalidInput(f"pose has unknown viseme {str(name)[:20]!r}")
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise InvalidInput(f"pose weight of viseme {name!r} is not a finite number")
+    numbers = [pose.jaw_open, pose.blink_left, pose.blink_right, pose.yaw, pose.pitch, pose.roll]
+    if not isinstance(pose.translation, tuple) or len(pose.translation) != 3:
+        raise InvalidInput("pose translation must be 3 numbers")
+    for value in (*numbers, *pose.translation):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidInput("pose angles, blinks, jaw and translation must be finite numbers")
+    return pose
+
+
+def check_avatar_id(avatar_id: str) -> str:
+    if not isinstance(avatar_id, str) or not AVATAR_ID_PATTERN.fullmatch(avatar_id):
+        raise InvalidInput(
+            f"invalid avatar id {str(avatar_id)[:80]!r}: use 1-64 letters, digits, '_' or '-'"
+        )
+    return avatar_id
+
+
+def check_frame_size(width: int, height: int, fps: int | None = None) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or not MIN_SIZE <= value <= MAX_SIZE:
+            raise InvalidInput(f"{name} {value} is out of range; use {MIN_SIZE}..{MAX_SIZE}")
+    if fps is not None and (not isinstance(fps, int) or not MIN_FPS <= fps <= MAX_FPS):
+        raise InvalidInput(f"fps {fps} is out of range; use {MIN_FPS}..{MAX_FPS}")
+
+
+class LocalRenderBackend:
+    """Avatars loaded into this process (once, cached; on CUDA when configured) and
+    rasterized on the calling thread. Thread-safe: a pose's deformation is a new cloud,
+    and several threads may render at once (each its own frame)."""
+
+    def __init__(self, config: RenderConfig) -> None:
+        self.config = config
+        if config.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
-            self.device = cfg.device
+            self.device = config.device
         self._avatars: dict[str, tuple[Avatar, Animator]] = {}
+        self._cameras: dict[tuple[int, int], Camera] = {}
+        self._rasterizer = Rasterizer(RasterSettings(background=config.background))
         self._lock = threading.Lock()
-        self._dir = Path(cfg.avatars_dir) if cfg.avatars_dir else None
-
-    async def start(self) -> None:
-        """Build the default avatar and render one frame (allocator, thread pool)."""
-        await asyncio.get_running_loop().run_in_executor(None, self._warm_up)
-
-    def _warm_up(self) -> None:
-        _set_threads(self.config.threads)
-        self.stream(AVATAR_ID, 64, 64, self.config.fps).render_frame(0)
-
-    async def close(self) -> None:
-        with self._lock:
-            self._avatars.clear()
+        self._dir = Path(config.avatars_dir) if config.avatars_dir else None
 
     def avatar_ids(self) -> list[str]:
-        """Avatars this engine serves."""
         ids = {AVATAR_ID}
         if self._dir is not None and self._dir.is_dir():
             for ply in self._dir.glob("*.ply"):
@@ -627,11 +686,31 @@ class RenderEngine:
         """The avatar ``avatar_id`` (loaded on first use; InvalidInput if unknown)."""
         return self._animated(avatar_id)[0]
 
+    def profile(self, avatar_id: str) -> AvatarProfile:
+        rig = self.avatar(avatar_id).rig
+        return AvatarProfile(avatar_id, {name: v.jaw_open for name, v in rig.visemes.items()})
+
+    def render(self, avatar_id: str, width: int, height: int, pose: Pose) -> np.ndarray:
+        _avatar, animator = self._animated(avatar_id)
+        camera = self._camera(width, height)
+        started = clock.now()
+        rgb = self._rasterizer.render(animator.deform(pose), camera).to_uint8()
+        metrics.RENDER_FRAME_SECONDS.observe(clock.now() - started)
+        return rgb
+
+    def warm_up(self) -> None:
+        set_torch_threads(self.config.threads)
+        self.render(AVATAR_ID, 64, 64, Pose())
+
+    def _camera(self, width: int, height: int) -> Camera:
+        with self._lock:
+            camera = self._cameras.get((width, height))
+            if camera is None:
+                camera = self._cameras[(width, height)] = default_camera(width, height)
+            return camera
+
     def _animated(self, avatar_id: str) -> tuple[Avatar, Animator]:
-        if not AVATAR_ID_PATTERN.fullmatch(avatar_id):
-            raise InvalidInput(
-                f"invalid avatar id {avatar_id[:80]!r}: use 1-64 letters, digits, '_' or '-'"
-            )
+        check_avatar_id(avatar_id)
         with self._lock:
             cached = self._avatars.get(avatar_id)
             if cached is not None:
@@ -653,6 +732,60 @@ class RenderEngine:
             return build_default_avatar()
         raise InvalidInput(f"unknown avatar {avatar_id!r}; this service has {self.avatar_ids()}")
 
+    def clear(self) -> None:
+        with self._lock:
+            self._avatars.clear()
+
+
+class RenderEngine:
+    """Avatars and the streams that render them. Frames are rasterized by its backend:
+    this process (the default) or the render deployment (the sessions gateway on Serve)."""
+
+    def __init__(
+        self, config: RenderConfig | None = None, backend: RenderBackend | None = None
+    ) -> None:
+        self.config = config or RenderConfig()
+        self.backend: RenderBackend = backend or LocalRenderBackend(self.config)
+        self._profiles: dict[str, AvatarProfile] = {}
+        self._lock = threading.Lock()
+
+    async def start(self) -> None:
+        """Build the default avatar and render one frame (allocator, thread pool)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.backend.warm_up)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._profiles.clear()
+        if isinstance(self.backend, LocalRenderBackend):
+            self.backend.clear()
+
+    def avatar_ids(self) -> list[str]:
+        """Avatars this engine serves."""
+        return self.backend.avatar_ids()
+
+    def avatar(self, avatar_id: str) -> Avatar:
+        """The loaded avatar (Gaussians and rig): only with this process's backend."""
+        if not isinstance(self.backend, LocalRenderBackend):
+            raise RuntimeError("this engine's avatars live in a render replica")
+        return self.backend.avatar(avatar_id)
+
+    def profile(self, avatar_id: str) -> AvatarProfile:
+        """The avatar's profile (loaded on first use, then cached; InvalidInput if unknown)."""
+        check_avatar_id(avatar_id)
+        with self._lock:
+            cached = self._profiles.get(avatar_id)
+        if cached is not None:
+            return cached
+        profile = self.backend.profile(avatar_id)
+        with self._lock:
+            self._profiles[avatar_id] = profile
+        return profile
+
+    async def load(self, avatar_id: str) -> AvatarProfile:
+        """`profile` off the event loop: loading an avatar (or asking a render replica)
+        blocks. After it, `stream(avatar_id)` does not block."""
+        return await asyncio.to_thread(self.profile, avatar_id)
+
     def stream(
         self,
         avatar_id: str = AVATAR_ID,
@@ -663,16 +796,14 @@ class RenderEngine:
     ) -> AvatarStream:
         """A new stream of ``avatar_id``; 0 for width, height or fps takes the config's.
 
-        Raises InvalidInput for an unknown avatar or out-of-range sizes.
+        Raises InvalidInput for an unknown avatar or out-of-range sizes. Blocks while
+        the avatar loads, unless `load` has been awaited for it.
         """
         cfg = self.config
         width, height, fps = width or cfg.width, height or cfg.height, fps or cfg.fps
-        for name, value in (("width", width), ("height", height)):
-            if not MIN_SIZE <= value <= MAX_SIZE:
-                raise InvalidInput(f"{name} {value} is out of range; use {MIN_SIZE}..{MAX_SIZE}")
-        if not MIN_FPS <= fps <= MAX_FPS:
-            raise InvalidInput(f"fps {fps} is out of range; use {MIN_FPS}..{MAX_FPS}")
-        avatar, animator = self._animated(avatar_id)
+        check_frame_size(width, height, fps)
+        profile = self.profile(avatar_id)
+        renderer = functools.partial(self.backend.render, avatar_id, width, height)
         return AvatarStream(
-            avatar, animator, width, height, fps, cfg, cfg.seed if seed is None else seed
+            profile, renderer, width, height, fps, cfg, cfg.seed if seed is None else seed
         )

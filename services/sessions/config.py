@@ -7,7 +7,6 @@ import os
 from parley.tenancy import DEFAULT_PREFIX
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.render.config import RenderConfig
 from services.sessions.backends.serve_stages import StageApps
 from services.sessions.registry import DEFAULT_LEASE_S
 from services.sessions.video import LiveVideoConfig
@@ -28,8 +27,6 @@ class SessionsConfig(BaseModel):
     #: Sessions one replica holds at once (GatewayAtCapacity beyond: RESOURCE_EXHAUSTED / 429).
     max_sessions: int = Field(default=64, ge=1, le=10_000)
     lease_s: float = Field(default=DEFAULT_LEASE_S, gt=0, le=86_400)
-    #: The avatar renderer each replica runs for its sessions' video; None: voice only.
-    render: RenderConfig | None = Field(default_factory=RenderConfig)
     #: Live video of the conversations (fps, size, encoders).
     video: LiveVideoConfig = Field(default_factory=LiveVideoConfig)
 

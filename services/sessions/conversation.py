@@ -48,6 +48,7 @@ from parley.visemes import Phoneme, phonemes_from, shift_phonemes
 
 from services.asr.engine import Activity, AsrEngine, Transcript
 from services.llm.engine import ChatMessage, GenerationStats, LlmEngine
+from services.render.default_avatar import AVATAR_ID
 from services.render.engine import AvatarStream, RenderEngine
 from services.sessions.trace import TurnTrace
 from services.sessions.video import LiveVideo, LiveVideoConfig, init_render_thread, render_timed
@@ -184,7 +185,10 @@ class Conversation:
         *,
         speculate: bool = True,
         turn_config: ParleyTurnConfig | None = None,
+        avatar_id: str = AVATAR_ID,
     ) -> None:
+        """A conversation with the avatar `avatar_id` (with a renderer: its profile is
+        fetched here unless `engines.render.load(avatar_id)` has been awaited)."""
         if not 0 <= history_messages <= 200:
             raise InvalidInput("history_messages must be within [0, 200]")
         self.history_messages = history_messages
@@ -224,7 +228,9 @@ class Conversation:
         self._render_executor: ThreadPoolExecutor | None = None
         if engines.render is not None:
             v = engines.video
-            self.avatar = engines.render.stream(width=v.width, height=v.height, fps=v.fps)
+            self.avatar = engines.render.stream(
+                avatar_id, width=v.width, height=v.height, fps=v.fps
+            )
             # One thread renders this avatar (first frames and live video alike).
             self._render_executor = ThreadPoolExecutor(
                 max_workers=1,

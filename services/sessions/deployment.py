@@ -29,7 +29,6 @@ from parley.v1 import asr_pb2, llm_pb2, render_pb2, sessions_pb2, tts_pb2, turn_
 from ray import serve
 from ray.serve import Application
 
-from services.render.engine import RenderEngine
 from services.sessions.backends.serve_stages import serve_engines
 from services.sessions.config import SessionsConfig
 from services.sessions.http import create_app
@@ -72,9 +71,8 @@ class SessionsDeployment:
                 raise
         else:
             log.warning("sessions gateway without a Redis URL: no API keys, one tenant 'local'")
-        render = RenderEngine(config.render) if config.render is not None else None
         try:
-            self.engines = await serve_engines(config.stages, render, config.video)
+            self.engines = await serve_engines(config.stages, config.video)
         except BaseException:
             if tenancy is not None:
                 await tenancy.aclose()

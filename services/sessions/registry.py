@@ -31,6 +31,7 @@ from parley.tenancy import (
 )
 from redis.exceptions import RedisError
 
+from services.render.default_avatar import AVATAR_ID
 from services.render.engine import AVATAR_ID_PATTERN
 from services.sessions.conversation import Conversation, Engines
 from services.sessions.records import SessionRecords, StoredSession
@@ -188,6 +189,8 @@ class SessionRegistry:
             raise InvalidInput(
                 f"unknown voice {voice[:MAX_VOICE_CHARS]!r}; this deployment serves {served_voice!r}"
             )
+        if self.engines.render is not None:  # an avatar nobody can draw is refused now
+            await self.engines.render.load(avatar_id or AVATAR_ID)
         if self._active_count() + self._admitting >= self.max_sessions:
             raise GatewayAtCapacity(
                 f"this gateway is at its capacity of {self.max_sessions} sessions; retry later"
@@ -207,7 +210,9 @@ class SessionRegistry:
             try:
                 if self._closed:  # closed while Redis admitted it: close() would miss it
                     raise GatewayUnavailable("this gateway is shutting down; retry on another")
-                conversation = Conversation(self.engines, persona_prompt)
+                conversation = Conversation(
+                    self.engines, persona_prompt, avatar_id=avatar_id or AVATAR_ID
+                )
                 conversation.prepare()
             except Exception:
                 await self._release(tenant, session_id)
@@ -463,6 +468,8 @@ class SessionRegistry:
             if record.conversation is None:
                 raise SessionEnded(f"session {record.session_id!r} has ended")
             return record.conversation
+        if self.engines.render is not None and record.conversation is None:
+            await self.engines.render.load(record.avatar_id)  # before any check it may outlast
         with tenancy_errors():
             stored = await self.records.get(record.tenant, record.session_id)
         if stored is None or stored.ended_at:
@@ -481,7 +488,9 @@ class SessionRegistry:
         conversation = record.conversation
         created = conversation is None
         if conversation is None:
-            conversation = Conversation(self.engines, record.persona_prompt)
+            conversation = Conversation(
+                self.engines, record.persona_prompt, avatar_id=record.avatar_id
+            )
             record.conversation = conversation
         if created or stored.turns != conversation.turn:
             # Turns happened on another replica: go on from their history.

@@ -3,9 +3,16 @@
     session timeline (avatar time 0 = the conversation's start, wall clock since then)
        │ speech placed on it by the conversation as each reply's audio goes out
        ▼
-    LiveVideo: frame i (pts i / fps) rendered from `origin + i / fps - lead` on, on the
-       conversation's one render thread, encoded there (JPEG or H.264), queued for the
-       transport; the pose is that of (i + 0.5) / fps (AvatarStream.pose_time)
+    LiveVideo: frame i (pts i / fps) rendered from `origin + i / fps - lead` on, from
+       the conversation's one render thread, encoded there (JPEG or H.264), queued for
+       the transport; the pose is that of (i + 0.5) / fps (AvatarStream.pose_time)
+
+**Where frames are drawn.** The pose comes from the session's timeline, here; the
+image from the render engine's backend: this process (in-process gateway, `parley
+demo`), or on Ray Serve a render replica through a handle (one pose in, one image
+out), so rendering scales on its own (GPU / MIG) apart from the gateway. A frame that
+fails or times out (a replica lost) is skipped and counted (*failed*); the video goes
+on with the next one.
 
 **One clock.** Video pts and the `pts_s` of each avatar audio chunk are seconds on the
 same avatar timeline: the sample of a chunk whose pts is p plays when the frame of pts
@@ -117,6 +124,7 @@ class VideoStats:
     dropped_late: int = 0  # rendering fell behind real time
     dropped_slow_client: int = 0  # the consumer had not taken the frames before
     held: int = 0  # not rendered while a reply was being prepared (`hold`)
+    failed: int = 0  # the renderer failed or timed out (e.g. a render replica lost)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -125,6 +133,7 @@ class VideoStats:
             "dropped_late": self.dropped_late,
             "dropped_slow_client": self.dropped_slow_client,
             "held": self.held,
+            "failed": self.failed,
         }
 
 
@@ -316,10 +325,16 @@ class LiveVideo:
                 metrics.VIDEO_FRAMES_DROPPED_SLOW_CLIENT.inc()
                 index += 1
                 continue
-            ready, data = await loop.run_in_executor(self.executor, self._render, index, send)
-            self.stats.rendered += 1
+            try:
+                ready, data = await loop.run_in_executor(self.executor, self._render, index, send)
+            except Exception as exc:  # the client keeps the frame before; the next may work
+                self._render_failed(exc)
+                ready, data = None, None
+            else:
+                self.stats.rendered += 1
             for waiter in waiters:
-                waiter.trace.first_frame = ready
+                if ready is not None:
+                    waiter.trace.first_frame = ready
                 self._waiters.remove(waiter)
                 _resolve(waiter.future)
             if data is not None:
@@ -331,6 +346,14 @@ class LiveVideo:
                     )
                 )
             index += 1
+
+    def _render_failed(self, exc: Exception) -> None:
+        self.stats.failed += 1
+        metrics.RENDER_FRAMES_DROPPED.inc()
+        if self.stats.failed in (1, 10) or self.stats.failed % 100 == 0:  # not every frame
+            log.warning(
+                "live video: %d frame(s) failed to render, latest: %r", self.stats.failed, exc
+            )
 
     def _render(self, index: int, encode: bool) -> tuple[float, bytes | None]:
         """On the render thread: frame `index`, and its encoding when it is to be sent."""

@@ -4,15 +4,16 @@ A conversation keeps its per-session state (the microphone's VAD, the turn
 detector's frame-by-frame state, the clause chunker, the avatar timeline) in the
 sessions replica, and sends only model calls to the stage deployments: one
 utterance to decode, one turn's audio or transcript to score, one prompt to
-generate from, one clause to speak. Each call is a stateless request, so any
+generate from, one clause to speak, one pose to draw. Each call is a stateless request, so any
 replica of a stage serves any session; Serve's autoscaling and a replica's loss
 never strand a session's state.
 
 The backends plug into the ordinary engines (`AsrEngine(backend=...)`,
 `TurnEngine(smart_turn=..., semantic=...)`, ...), so the conversation code is the
 same in one process and on Serve. The synchronous backends (`decode`,
-`synthesize`, the turn models) are called on their engine's worker thread and
-wait on the handle's response there, never on the event loop.
+`synthesize`, the turn models, a frame) are called on their engine's worker thread
+(a frame: the conversation's render thread) and wait on the handle's response
+there, never on the event loop.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from parley.errors import InvalidInput
 from pydantic import BaseModel, Field
 
 from services.asr.config import AsrConfig
 from services.asr.engine import AsrEngine, Decoded
 from services.llm.config import LlmConfig
 from services.llm.engine import ChatMessage, GenerationParams, GenerationStats, LlmEngine
-from services.render.engine import RenderEngine
+from services.render.animation import Pose
+from services.render.config import RenderConfig
+from services.render.engine import AvatarProfile, RenderEngine
 from services.sessions.conversation import Engines
 from services.sessions.video import LiveVideoConfig
 from services.tts.config import TtsConfig
@@ -41,14 +45,17 @@ from services.turn.semantic import SemanticScore
 
 #: How long a model call may take before the session gives up on it (a stuck replica).
 CALL_TIMEOUT_S = 30.0
+#: A frame not back after this long is given up: the live video has moved on to the
+#: newest frame due by then.
+FRAME_TIMEOUT_S = 2.0
 #: Threads of the sessions replica's engines waiting on stage calls (they only wait).
 REMOTE_WORKERS = 16
 
 
-def _result(response: Any) -> Any:
+def _result(response: Any, timeout_s: float = CALL_TIMEOUT_S) -> Any:
     """Wait for a handle call on this (worker) thread; cancel it if it takes too long."""
     try:
-        return response.result(timeout_s=CALL_TIMEOUT_S)
+        return response.result(timeout_s=timeout_s)
     except TimeoutError:
         response.cancel()  # the stage replica stops working on a call nobody awaits
         raise
@@ -63,6 +70,8 @@ class StageApps(BaseModel):
     turn: str = Field(default="turn", min_length=1)
     llm: str = Field(default="llm", min_length=1)
     tts: str = Field(default="tts", min_length=1)
+    #: The avatar renderer of the sessions' live video; None: conversations are voice only.
+    render: str | None = Field(default="render", min_length=1)
 
 
 class ServeAsrBackend:
@@ -158,6 +167,32 @@ class ServeTtsBackend:
         return result
 
 
+class ServeRenderBackend:
+    """`RenderBackend` over the render deployment: each frame's pose goes to whichever
+    replica is free, and its image comes back (the timeline stays in the session)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def warm_up(self) -> None:
+        """The deployment warmed its renderer before it took calls."""
+
+    def avatar_ids(self) -> list[str]:
+        return list(_result(self._handle.avatar_ids.remote()))
+
+    def profile(self, avatar_id: str) -> AvatarProfile:
+        found = _result(self._handle.profile.remote(avatar_id))
+        if isinstance(found, str):  # the replica's message: unknown or bad id
+            raise InvalidInput(found)
+        assert isinstance(found, AvatarProfile)
+        return found
+
+    def render(self, avatar_id: str, width: int, height: int, pose: Pose) -> np.ndarray:
+        response = self._handle.render_pose.remote(avatar_id, width, height, pose)
+        rgb: np.ndarray = _result(response, FRAME_TIMEOUT_S)
+        return rgb
+
+
 @dataclass(slots=True)
 class StageConfigs:
     """The stage deployments' own configs, read from them so both sides agree."""
@@ -186,13 +221,19 @@ async def stage_configs(handles: dict[str, Any]) -> StageConfigs:
     )
 
 
-async def serve_engines(
-    apps: StageApps, render: RenderEngine | None = None, video: LiveVideoConfig | None = None
-) -> Engines:
+async def serve_render(handle: Any) -> RenderEngine:
+    """A render engine whose frames the render deployment draws, sized by its config."""
+    config = RenderConfig.model_validate(await handle.config.remote())
+    return RenderEngine(config, backend=ServeRenderBackend(handle))
+
+
+async def serve_engines(apps: StageApps, video: LiveVideoConfig | None = None) -> Engines:
     """Engines whose models are the stage deployments (call inside a Serve replica)."""
     from ray import serve
 
-    handles = {stage: serve.get_app_handle(name) for stage, name in apps.model_dump().items()}
+    names = apps.model_dump(exclude={"render"})
+    handles = {stage: serve.get_app_handle(name) for stage, name in names.items()}
+    render = await serve_render(serve.get_app_handle(apps.render)) if apps.render else None
     configs = await stage_configs(handles)
     models = await handles["turn"].models.remote()
     engines = Engines(
