@@ -19,6 +19,7 @@ from parley.audio import resample
 from parley.tenancy import TenancyStore
 from redis_support import RedisServer, redis_server  # noqa: F401  (a fixture)
 
+from services.llm.engine import ChatMessage
 from services.sessions.conversation import Conversation, Engines, TurnDoneEvent
 from services.sessions.registry import (
     SessionEnded,
@@ -134,31 +135,44 @@ async def test_one_stream_across_replicas_and_history_follows_the_stream(
         assert again.history[-2].content.lower().startswith("and what about spain")
 
 
-async def test_a_stopping_replica_ends_only_its_own_sessions(
+async def test_a_stopping_replica_hands_its_sessions_to_the_others(
     engines: Engines,
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     prefix = f"test-replicas-{next(_prefixes)}:"
-    stores = [TenancyStore.from_url(redis_server.url, prefix=prefix) for _ in range(2)]
-    a, b = (SessionRegistry(engines, store, lease_s=3.0) for store in stores)
+    stores = [TenancyStore.from_url(redis_server.url, prefix=prefix) for _ in range(3)]
+    a, b = (SessionRegistry(engines, store, lease_s=3.0) for store in stores[:2])
+    c = SessionRegistry(engines, stores[2], lease_s=3.0)
     try:
+        await a.start()
+        await b.start()
         record = await a.create("acme")
+        # A turn happened on a.
+        assert record.conversation is not None
+        record.conversation.history += [ChatMessage("user", "hi"), ChatMessage("assistant", "hey")]
+        record.conversation.turn = 1
+        # Replica b streamed a's session once (it only adopted it for that stream).
         async with b.stream(await b.get("acme", record.session_id)):
             pass
-        # Replica b, which streamed a's session, stops: the session goes on, on a.
-        await b.close()
-        assert record.active and (await a.get("acme", record.session_id)).active
-        # Replica a stops: its sessions end for everyone, and free the tenant's slot.
+        # Replica a stops (scale-in, rollout): b takes the session over ...
         await a.close()
-        c = SessionRegistry(engines, stores[1], lease_s=3.0)
-        try:
-            assert not (await c.get("acme", record.session_id)).active
-            assert await stores[1].active_sessions("acme") == []
-        finally:
-            await c.close()
+        assert record.conversation is None  # a let go of it; the session goes on
+        await asyncio.sleep(4.0)  # ... and keeps its lease past the lease's length
+        on_b = await b.get("acme", record.session_id)
+        assert on_b.active
+        assert await stores[1].active_sessions("acme") == [record.session_id]
+        # ... takes its next stream, from the last turn ...
+        async with b.stream(on_b) as conversation:
+            assert conversation.turn == 1 and conversation.history[-1].content == "hey"
+        assert (await b.get("acme", record.session_id)).active  # ... and keeps it after
+        # The last replica stops: nobody is left to keep the session, so it ends for
+        # everyone and frees the tenant's slot.
+        await b.close()
+        assert not (await c.get("acme", record.session_id)).active
+        assert await stores[2].active_sessions("acme") == []
     finally:
-        await a.close()
-        await b.close()
+        for registry in (a, b, c):
+            await registry.close()
         for store in stores:
             await store.aclose()
 

@@ -9,10 +9,16 @@ the deployment. So what a session *is* lives here, in Redis, not in a replica:
     {prefix}tenant:{t}:session_records  sorted set of the tenant's session ids by creation
     {prefix}session:{id}:stream    the replica streaming it now (token; expires unless renewed)
     {prefix}sessions:ended         pub/sub channel: ids of sessions just ended
+    {prefix}sessions:handover      pub/sub channel: sessions a stopping replica offers
+    {prefix}session:{id}:handover  which replica took an offered session (short-lived)
 
 A replica keeps a session's `Conversation` (models' state, the live audio) only while
 it holds it; the conversation history is written back after every turn, so a stream
 that lands on another replica goes on with the same history.
+
+A replica that stops (scale-in, a rollout) offers its sessions to the others: one
+of them takes each over (renews its lease, keeps it for its next stream). With no
+replica left to hear the offer, the sessions end.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ class SessionRecords:
         self.redis = redis
         self.prefix = prefix
         self.ended_channel = f"{prefix}sessions:ended"
+        self.handover_channel = f"{prefix}sessions:handover"
         self._end = redis.register_script(_END)
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(_RELEASE)
@@ -166,6 +173,17 @@ class SessionRecords:
         the record is gone (expired after its end): nothing is written then."""
         keys = [self._key(session_id)]
         return bool(await self._save(keys=keys, args=[turns, _dump_history(history)]))
+
+    async def offer(self, tenant: str, session_id: str, sender: str) -> int:
+        """Offer a session to the other replicas (replica `sender` is stopping): how many
+        listeners heard it, the sender's own included if it listens."""
+        message = json.dumps({"tenant": tenant, "session_id": session_id, "from": sender})
+        return int(await self.redis.publish(self.handover_channel, message))
+
+    async def take_over(self, session_id: str, ttl_s: float) -> bool:
+        """Whether this replica is the one (of those that heard an offer) to keep it."""
+        key = f"{self._key(session_id)}:handover"
+        return bool(await self.redis.set(key, "1", nx=True, px=int(ttl_s * 1000)))
 
     async def claim_stream(self, session_id: str, token: str, ttl_s: float) -> int:
         """1: this stream holds the session; 0: another does; -1: it has ended or is gone."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
@@ -140,7 +141,8 @@ class SessionRegistry:
     """This gateway's sessions, each with its `Conversation`.
 
     `tenancy=None` keeps everything in this process (no limits but `max_sessions`).
-    Call `close` on shutdown: it ends every session and frees their slots.
+    With Redis, `start` it (it then hears the other replicas' ends and hand-overs), and
+    `close` it on shutdown: its sessions go to the other replicas, or end if none is left.
     """
 
     def __init__(
@@ -168,6 +170,9 @@ class SessionRegistry:
         self._streams: dict[str, str] = {}
         #: Sessions whose stream here is ending (saving, releasing its claim).
         self._finishing: set[str] = set()
+        #: Whether this replica's listener is subscribed (it hears its own offers too).
+        self._listening = False
+        self._replica_id = uuid.uuid4().hex
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -359,23 +364,82 @@ class SessionRegistry:
         except RedisError as exc:  # the conversation goes on; another replica would lag
             log.warning("could not save a turn of session %s: %s", record.session_id, exc)
 
+    async def start(self) -> None:
+        """Listen for the other replicas' ends and hand-overs (with Redis) from now on,
+        not only once this replica holds a session: a stopping replica offers its
+        sessions to whoever listens."""
+        if self.records is not None and not self._closed:
+            self._start_background()
+            for _ in range(100):  # subscribed within a round trip or two
+                if self._listening:
+                    break
+                await asyncio.sleep(0.01)
+
     async def close(self) -> None:
-        """End every session and free their slots; the registry admits no more."""
+        """Hand this replica's sessions to the other replicas (each keeps one's lease and
+        takes its next stream), or end them if no other is left, and free their slots;
+        the registry admits no more."""
         self._closed = True
+        active = [r for r in self._sessions.values() if r.active]
+        # Sessions adopted for a stream belong to their own replica, which goes on.
+        adopted = [r for r in active if r.adopted]
+        owned = [r for r in active if not r.adopted]
+        handed = await asyncio.gather(*(self._offer(r) for r in owned))
         for task in (self._renewer, self._listener):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        active = [r for r in self._sessions.values() if r.active]
-        # Sessions adopted for a stream belong to their first replica, which goes on; this
-        # replica's own sessions end everywhere (nobody would renew their leases).
-        adopted = [r for r in active if r.adopted]
-        owned = [r for r in active if not r.adopted]
         await asyncio.gather(
-            *(self._drop_adopted(r) for r in adopted),
-            *(self._end_everywhere(r) for r in owned),
+            *(self._drop_local(r) for r in adopted),
+            *(self._drop_local(r) for r, given in zip(owned, handed, strict=True) if given),
+            *(self._end_everywhere(r) for r, given in zip(owned, handed, strict=True) if not given),
         )
+        # Streams cut by the stop: a client reconnecting elsewhere need not wait for them.
+        if self.records is not None:
+            for session_id, token in list(self._streams.items()):
+                with contextlib.suppress(RedisError):
+                    await self.records.release_stream(session_id, token)
+
+    async def _offer(self, record: SessionRecord) -> bool:
+        """Offer a session to the other replicas: whether any heard it (one takes it)."""
+        if self.records is None:
+            return False
+        if record.conversation is not None:
+            await self.save_turn(record)  # the taker goes on from the last turn
+        try:
+            heard = await self.records.offer(record.tenant, record.session_id, self._replica_id)
+        except RedisError as exc:
+            log.warning("could not offer session %s: %s", record.session_id, exc)
+            return False
+        return heard - (1 if self._listening else 0) > 0
+
+    async def _take_over(self, message: object) -> None:
+        """Keep a session a stopping replica offered, if this replica is the one to."""
+        assert self.records is not None
+        try:
+            offer = json.loads(str(message))
+            tenant, session_id, sender = offer["tenant"], offer["session_id"], offer["from"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed session hand-over: %.200r", message)
+            return
+        if sender == self._replica_id or self._closed:
+            return
+        local = self._sessions.get(session_id)
+        if local is None and self._active_count() + self._admitting >= self.max_sessions:
+            return  # another replica may take it; if none does, its lease lapses
+        if not await self.records.take_over(session_id, self.lease_s):
+            return  # another replica took it
+        if local is not None:
+            local.adopted = False  # streaming here already: now it is this replica's
+            return
+        stored = await self.records.get(tenant, session_id)
+        if stored is None or stored.ended_at or self._closed:
+            return
+        record = _record(stored)
+        record.stored_turns = stored.turns
+        self._sessions[session_id] = record
+        log.info("took over session %s (%s) from a stopping replica", session_id, tenant)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -383,8 +447,8 @@ class SessionRegistry:
         await conversation.close()
         await self._release(tenant, session_id)
 
-    async def _drop_adopted(self, record: SessionRecord) -> None:
-        """Forget this replica's copy of a session whose own replica goes on."""
+    async def _drop_local(self, record: SessionRecord) -> None:
+        """Forget this replica's copy of a session another replica keeps."""
         self._sessions.pop(record.session_id, None)
         conversation, record.conversation = record.conversation, None
         if conversation is not None:
@@ -505,20 +569,32 @@ class SessionRegistry:
             self._listener = asyncio.create_task(self._listen_for_ends(self.records))
 
     async def _listen_for_ends(self, records: SessionRecords) -> None:
-        """End this replica's conversation of a session another replica ended."""
+        """End this replica's conversation of a session another replica ended; take over
+        sessions a stopping replica offers."""
+        channels = (records.ended_channel, records.handover_channel)
         while True:
             try:
                 async with records.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(records.ended_channel)
+                    await pubsub.subscribe(*channels)
+                    confirmed = 0
                     async for message in pubsub.listen():
-                        if message.get("type") != "message":
+                        kind = message.get("type")
+                        if kind == "subscribe":
+                            confirmed += 1
+                            self._listening = confirmed == len(channels)
+                        elif kind != "message":
                             continue
-                        record = self._sessions.get(str(message.get("data")))
-                        if record is not None and record.active:
-                            await self._end(record, release=False)
+                        elif message.get("channel") == records.handover_channel:
+                            await self._take_over(message.get("data"))
+                        else:
+                            record = self._sessions.get(str(message.get("data")))
+                            if record is not None and record.active:
+                                await self._end(record, release=False)
             except asyncio.CancelledError:
+                self._listening = False
                 raise
             except Exception as exc:  # Redis went away: listen again shortly
+                self._listening = False
                 log.warning("listening for ended sessions failed: %s; retrying", exc)
                 await asyncio.sleep(1.0)
 
