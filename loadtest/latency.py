@@ -525,6 +525,15 @@ async def run_against_target(
     local_u2u = [r.u2u_s for r in local if r.u2u_s is not None and r.u2u_s >= 0]
     remote_u2u = [t.u2u_s for t in remote if t.u2u_s is not None and t.u2u_s >= 0]
     remote_av = [t.u2u_audio_video_s for t in remote if t.u2u_audio_video_s is not None]
+    # In-process: the first audio out and its frame rendered (not encoded or sent: the
+    # remote side's figure includes both, so the comparison leans against it).
+    local_av = [
+        max(a, f)
+        for r in local
+        if (a := r.latencies()["first_output"]) is not None
+        and (f := r.latencies()["first_frame"]) is not None
+        and a >= 0
+    ]
     pairs = [
         (t.u2u_s - r.u2u_s)
         for r, t in zip(local, remote, strict=True)
@@ -537,6 +546,7 @@ async def run_against_target(
             "answered": len(local_u2u),
             "u2u_p50_s": percentile(local_u2u, 50),
             "u2u_p95_s": percentile(local_u2u, 95),
+            "u2u_audio_video_p50_s": percentile(local_av, 50),
             "false_cut_ins": sum(len(r.cut_ins) for r in local),
         },
         "remote": {
@@ -553,6 +563,11 @@ async def run_against_target(
             else None
         ),
         "paired_difference_p50_s": percentile(pairs, 50),
+        "audio_video_remote_minus_in_process_p50_s": (
+            percentile(remote_av, 50) - percentile(local_av, 50)  # type: ignore[operator]
+            if remote_av and local_av
+            else None
+        ),
     }
     return {
         "summary": summary,

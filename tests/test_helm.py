@@ -23,7 +23,6 @@ from typing import Any
 
 import helm_python as helm
 import kubernetes_validate
-import prometheus_client
 import pytest
 import ray
 import yaml
@@ -557,22 +556,11 @@ PROMQL_WORDS = {
 
 @cache
 def parley_metrics() -> dict[str, set[str]]:
-    """Exposed sample name -> labels, from the collectors of libs/parley/metrics.py."""
+    """Exported sample name -> labels of libs/parley/metrics.py, as Ray's agent exports
+    them (ray_ prefix)."""
     names: dict[str, set[str]] = {}
-    for value in vars(metrics).values():
-        if not isinstance(value, prometheus_client.metrics.MetricWrapperBase):
-            continue
-        name, labels = value._name, set(value._labelnames)
-        if isinstance(value, prometheus_client.Histogram):
-            names |= {
-                f"{name}_bucket": labels | {"le"},
-                f"{name}_sum": labels,
-                f"{name}_count": labels,
-            }
-        elif isinstance(value, prometheus_client.Counter):
-            names[f"{name}_total"] = labels
-        else:
-            names[name] = labels
+    for metric in metrics.all_metrics():
+        names |= metric.exported_samples()
     return names
 
 
@@ -647,14 +635,20 @@ def known_metrics() -> dict[str, set[str]]:
 def test_the_promql_check_can_fail() -> None:
     known = known_metrics()
     assert (
-        promql_problems('sum(rate(parley_turn_latency_seconds_count{milestone="x"}[5m]))', known)
+        promql_problems(
+            'sum(rate(ray_parley_turn_latency_seconds_count{milestone="x"}[5m]))', known
+        )
         == []
     )
-    assert promql_problems("rate(parley_turn_latency_count[5m])", known) == [
-        "unknown metric parley_turn_latency_count"
+    assert promql_problems("rate(ray_parley_turn_latency_count[5m])", known) == [
+        "unknown metric ray_parley_turn_latency_count"
     ]
-    assert promql_problems('rate(parley_turn_latency_seconds_count{stage="x"}[5m])', known) == [
-        "parley_turn_latency_seconds_count has no label stage"
+    # The bare names are the in-process registry's, not what Prometheus sees.
+    assert promql_problems("rate(parley_turn_latency_seconds_count[5m])", known) == [
+        "unknown metric parley_turn_latency_seconds_count"
+    ]
+    assert promql_problems('rate(ray_parley_turn_latency_seconds_count{stage="x"}[5m])', known) == [
+        "ray_parley_turn_latency_seconds_count has no label stage"
     ]
     assert promql_problems("sum by (route) (ray_serve_deployment_replica_healthy)", known) == [
         "no metric of the expression has label route"
@@ -685,7 +679,7 @@ def test_dashboards_are_valid_json_with_real_metrics(default: dict[str, Any]) ->
         for title, expr in panel_exprs(dashboard):
             assert promql_problems(expr, known) == [], f"{name}: {title}: {expr}"
             assert 'namespace=~"$namespace"' in expr, f"{name}: {title}"
-            used |= set(re.findall(r"\b((?:parley|ray)_[a-z_]+)", expr))
+            used |= set(re.findall(r"\b(ray_[a-z_]+)", expr))
         # The ConfigMap carries the same JSON, with the Grafana sidecar's label.
         configmap = next(
             o for o in default["objects"] if o["kind"] == "ConfigMap" and name in o["data"]
@@ -695,11 +689,11 @@ def test_dashboards_are_valid_json_with_real_metrics(default: dict[str, Any]) ->
     # What an operator looks for: u2u latency, stages, turns, barge-ins, speculation,
     # replicas, errors.
     assert {
-        "parley_turn_latency_seconds_bucket",
-        "parley_turn_latency_seconds_count",
-        "parley_stage_latency_seconds_bucket",
-        "parley_interruptions_total",
-        "parley_speculations_total",
+        "ray_parley_turn_latency_seconds_bucket",
+        "ray_parley_turn_latency_seconds_count",
+        "ray_parley_stage_latency_seconds_bucket",
+        "ray_parley_interruptions_total",
+        "ray_parley_speculations_total",
         "ray_serve_deployment_replica_healthy",
         "ray_serve_deployment_error_counter_total",
     } <= used
@@ -750,9 +744,9 @@ def recorded_label_values() -> dict[str, set[tuple[str, ...]]]:
     """Metric name -> label value tuples the code records with literals, e.g.
     parley_stage_latency_seconds -> {("asr", "decode"), ...}; milestones from the trace."""
     names = {
-        var: collector._name
+        var: collector.name
         for var, collector in vars(metrics).items()
-        if isinstance(collector, prometheus_client.metrics.MetricWrapperBase)
+        if isinstance(collector, metrics.Metric)
     }
     found: dict[str, set[tuple[str, ...]]] = {}
     for folder in (ROOT / "libs" / "parley", ROOT / "services"):
@@ -775,7 +769,7 @@ def test_alert_and_dashboard_label_values_are_recorded(production: dict[str, Any
     checked = 0
     for expr in exprs:
         for name, selector in re.findall(
-            r"\b(parley_[a-z_]+?)(?:_bucket|_count|_sum|_total)?\{([^}]*)\}", expr
+            r"\bray_(parley_[a-z_]+?)(?:_bucket|_count|_sum)?\{([^}]*)\}", expr
         ):
             matchers = dict(re.findall(r'(\w+)="([^"$]*)"', selector))
             matchers.pop("namespace", None)
@@ -793,12 +787,9 @@ def test_alert_and_dashboard_label_values_are_recorded(production: dict[str, Any
 
 
 def metrics_labels(name: str) -> tuple[str, ...]:
-    for collector in vars(metrics).values():
-        if (
-            isinstance(collector, prometheus_client.metrics.MetricWrapperBase)
-            and collector._name == name
-        ):
-            return tuple(collector._labelnames)
+    for collector in metrics.all_metrics():
+        if collector.name == name:
+            return tuple(collector.labelnames)
     raise AssertionError(f"no collector named {name}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'ray[serve]')")
 
 from browser_support import launch_chromium, microphone_wav, talk_through_page
+from parley import metrics, wire
 from parley import serve as parley_serve
-from parley import wire
 from parley.audio import float_to_pcm16, pcm16_to_float, resample
 from parley.client import FirstStatus, ParleyClient, ParleyError, collect
 from parley.tenancy import TenancyStore
@@ -58,12 +59,6 @@ SR = 16_000
 FRAME = 320
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 #: An avatar only the render app has: the default head, all red.
 TINTED = "tinted"
 SH_C0 = 0.28209479  # degree-0 spherical harmonic: colour = 0.5 + SH_C0 * dc
@@ -78,19 +73,28 @@ def write_tinted_avatar(directory: Path) -> None:
 
 
 @pytest.fixture(scope="module")
+def metrics_port() -> int:
+    """Port of Ray's metrics agent: what Prometheus scrapes on a Ray cluster."""
+    return parley_serve.free_port()
+
+
+@pytest.fixture(scope="module")
 def serve_addresses(
     redis_server: RedisServer,  # noqa: F811
     tmp_path_factory: pytest.TempPathFactory,
+    metrics_port: int,
 ) -> Iterator[parley_serve.ServeAddresses]:
     import ray
     from ray import serve
 
     avatars = tmp_path_factory.mktemp("avatars")
     write_tinted_avatar(avatars)
-    parley_serve.init_local_ray(num_cpus=2)
+    parley_serve.init_local_ray(num_cpus=2, _metrics_export_port=metrics_port)
     try:
         config = parley_serve.load_config(
-            grpc_port=free_port(), http_port=free_port(), applications=APPS
+            grpc_port=parley_serve.free_port(),
+            http_port=parley_serve.free_port(),
+            applications=APPS,
         )
         apps = {a.name: a for a in config.applications}
         apps["render"].args["config"].update(width=64, height=64, avatars_dir=str(avatars))
@@ -445,6 +449,61 @@ async def test_bad_converse_streams_through_serve_spare_other_sessions(
         assert reply.speech and reply.latencies
         # The session a bad stream targeted is still usable.
         assert (await client.get_session(victim.session_id)).state == "active"
+
+
+async def scrape(url: str) -> dict[str, list[dict[str, str]]]:
+    """Sample name -> label sets of every sample the endpoint exports."""
+
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    found: dict[str, list[dict[str, str]]] = {}
+    for family in text_string_to_metric_families(await asyncio.to_thread(get)):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append(dict(sample.labels))
+    return found
+
+
+async def test_parley_metrics_reach_prometheus_through_rays_agent(
+    channel: grpc.aio.Channel, serve_address: str, store: TenancyStore, metrics_port: int
+) -> None:
+    """On a Ray cluster Prometheus scrapes Ray's agent: it exports the replicas' Parley
+    metrics, under the names the Helm chart's dashboard and alerts use."""
+    _, key = await store.create_key("acme-metrics")
+    audio = await question_audio(channel, "What is the capital of Italy?")
+    async with sessions_client(serve_address, key) as client:
+        session = await client.create_session()
+        reply = await collect(client.converse(session.session_id, audio, video="none"))
+        assert reply.latencies
+        await client.end_session(session.session_id)
+    wanted = {
+        "ray_parley_turn_latency_seconds_count": {"milestone": "first_output"},
+        "ray_parley_stage_latency_seconds_bucket": {"service": "llm", "measure": "ttfb"},
+        "ray_parley_llm_tokens_total": {"kind": "completion"},
+        "ray_parley_render_frame_seconds_count": {},  # the render replica's warm-up
+    }
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    def missing(samples: dict[str, list[dict[str, str]]]) -> list[str]:
+        return [
+            name
+            for name, labels in wanted.items()
+            if not any(labels.items() <= s.items() for s in samples.get(name, []))
+        ]
+
+    samples = await scrape(url)
+    for _ in range(40):  # Ray's agent publishes what replicas record every few seconds
+        if not missing(samples):
+            break
+        await asyncio.sleep(1.5)
+        samples = await scrape(url)
+    assert not missing(samples), missing(samples)
+    # Every Parley sample the agent exports is one that libs/parley/metrics.py declares
+    # (tests/test_helm.py checks the chart's queries against those declarations).
+    declared = {n for m in metrics.all_metrics() for n in m.exported_samples()}
+    exported = {name for name in samples if name.startswith("ray_parley_")}
+    assert exported and exported <= declared, exported - declared
 
 
 def _start(session_id: str) -> sessions_pb2.ClientEvent:

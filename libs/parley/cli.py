@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--grpc-port", type=int, default=None)
     srv.add_argument("--http-port", type=int, default=None)
     srv.add_argument("--apps", default="", help="comma-separated subset of applications")
+    srv.add_argument("--metrics-port", type=int, default=None,
+                     help="port of Ray's Prometheus metrics (ray_parley_*, ray_serve_*);"
+                          " default: a free one")  # fmt: skip
     srv.add_argument("--redis-url", default=None,
                      help="Redis of the sessions gateway's API keys (default: the config's,"
                           " else $PARLEY_REDIS_URL)")  # fmt: skip
@@ -97,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.out, args.llm_model)
         elif args.command == "bench" and args.bench == "latency" and args.target:
             from loadtest.latency import bench_latency_target
+            from parley.client import ParleyError
 
             if args.turns is not None and args.turns < 1:
                 raise InvalidInput("--turns must be at least 1")
             api_key = args.api_key or os.environ.get("PARLEY_API_KEY")
-            bench_latency_target(
-                args.audio_dir, args.turns, args.json, args.target, api_key,
-                args.application, args.video, args.llm_model,
-            )  # fmt: skip
+            try:
+                bench_latency_target(
+                    args.audio_dir, args.turns, args.json, args.target, api_key,
+                    args.application, args.video, args.llm_model,
+                )  # fmt: skip
+            except ParleyError as exc:  # the server refused: say why, no traceback
+                print(f"parley: {args.target}: {exc}", file=sys.stderr)
+                return 2
         elif args.command == "bench" and args.bench == "latency":
             from loadtest.latency import bench_latency
 
@@ -140,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "talk":
             return talk_cli.run(args)
         elif args.command == "serve":
-            serve(args.config, args.grpc_port, args.http_port, args.apps, args.redis_url)
+            serve(
+                args.config, args.grpc_port, args.http_port, args.apps, args.redis_url,
+                args.metrics_port,
+            )  # fmt: skip
         elif args.command == "corpus" and args.corpus == "real":
             from loadtest.realspeech import build_real_speech
 
@@ -161,6 +172,7 @@ def serve(
     http_port: int | None,
     apps: str,
     redis_url: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Start a local Ray cluster and all applications; stop cleanly on Ctrl-C."""
     import signal
@@ -168,7 +180,8 @@ def serve(
 
     from parley import serve as parley_serve
 
-    for name, port in (("--grpc-port", grpc_port), ("--http-port", http_port)):
+    ports = (("--grpc-port", grpc_port), ("--http-port", http_port))
+    for name, port in (*ports, ("--metrics-port", metrics_port)):
         if port is not None and not 1 <= port <= 65535:
             raise InvalidInput(f"{name} must be within [1, 65535]")
     wanted = [a.strip() for a in apps.split(",") if a.strip()] or None
@@ -193,7 +206,8 @@ def serve(
         raise KeyboardInterrupt
 
     started = time.monotonic()
-    parley_serve.init_local_ray()
+    metrics_port = metrics_port or parley_serve.free_port()
+    parley_serve.init_local_ray(_metrics_export_port=metrics_port)
     # Ctrl-C, and SIGTERM as Kubernetes and process managers send it (a background job
     # may have inherited an ignored SIGINT). Installed after ray.init, whose own SIGTERM
     # handler logs a stack and exits without stopping Serve.
@@ -211,6 +225,8 @@ def serve(
         print(f"  gRPC  {addresses.grpc}  (metadata application=<name>; listening on ALL"
               " interfaces: firewall it)")  # fmt: skip
         print(f"  HTTP  {addresses.http}")
+        # Ray's metrics agent, as Prometheus scrapes it on a cluster (port 8080 there).
+        print(f"  metrics  http://127.0.0.1:{metrics_port}/metrics  (Ray's agent; ALL interfaces)")
         print("Ctrl-C stops.", flush=True)
         while True:
             time.sleep(3600)

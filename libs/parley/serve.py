@@ -17,6 +17,7 @@ way `serve run CONFIG` does.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -262,6 +263,13 @@ def wait_for_grpc_proxy(address: str, names: Iterable[str], timeout_s: float = 3
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Serve's gRPC proxy at {address} does not route {wanted}")
             time.sleep(0.1)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for the local cluster's listeners)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def init_local_ray(num_cpus: int | None = None, **kwargs: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from parley import metrics
 from parley.serve import ServeContext, check_audio, deployment_args
 from parley.v1 import asr_pb2
 from ray import serve
@@ -24,6 +25,7 @@ from services.asr.servicer import AsrServicer
 @serve.deployment(name="asr", max_ongoing_requests=16)
 class AsrDeployment:
     async def __init__(self, config: AsrConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
+        metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
         self.engine = AsrEngine(config)
         await self.engine.start()
         self.servicer = AsrServicer(self.engine)

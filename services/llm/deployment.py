@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from parley import metrics
 from parley.errors import InvalidInput
 from parley.serve import ServeContext, deployment_args
 from parley.v1 import llm_pb2
@@ -27,6 +28,7 @@ from services.llm.servicer import LlmServicer
 @serve.deployment(name="llm", max_ongoing_requests=8)
 class LlmDeployment:
     async def __init__(self, config: LlmConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
+        metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
         self.engine = LlmEngine(config)
         await self.engine.start()
         self.servicer = LlmServicer(self.engine)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from parley import metrics
 from parley.errors import InvalidInput
 from parley.serve import ServeContext, deployment_args
 from parley.v1 import render_pb2
@@ -38,6 +39,7 @@ from services.render.servicer import RenderServicer
 @serve.deployment(name="render", max_ongoing_requests=8)
 class RenderDeployment:
     async def __init__(self, config: RenderConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
+        metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
         self.engine = RenderEngine(config)
         await self.engine.start()
         self.servicer = RenderServicer(self.engine)

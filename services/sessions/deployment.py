@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_health.v1 import health as grpc_health
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
+from parley import metrics
 from parley.serve import ServeContext, deployment_args
 from parley.tenancy import TenancyStore
 from parley.v1 import asr_pb2, llm_pb2, render_pb2, sessions_pb2, tts_pb2, turn_pb2
@@ -60,6 +61,7 @@ REFLECTED_SERVICES = [
 @serve.ingress()
 class SessionsDeployment:
     async def __init__(self, config: SessionsConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
+        metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
         self.config = config = config or SessionsConfig()
         tenancy = None
         if redis_url := config.effective_redis_url():
@@ -80,6 +82,7 @@ class SessionsDeployment:
         self.registry = SessionRegistry(
             self.engines, tenancy, max_sessions=config.max_sessions, lease_s=config.lease_s
         )
+        await self.registry.start()  # hears hand-overs from replicas that stop
         self.servicer = SessionsServicer(self.registry)
         # Standard gRPC health checking and reflection, on Serve's gRPC port with the
         # metadata `application: sessions` (e.g. `grpcurl -H application:sessions`).

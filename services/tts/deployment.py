@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from parley import metrics
 from parley.errors import InvalidInput
 from parley.serve import ServeContext, deployment_args
 from parley.v1 import tts_pb2
@@ -25,6 +26,7 @@ from services.tts.servicer import TtsServicer
 @serve.deployment(name="tts", max_ongoing_requests=32)
 class TtsDeployment:
     async def __init__(self, config: TtsConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
+        metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
         self.engine = TtsEngine(config)
         await self.engine.start()
         self.servicer = TtsServicer(self.engine)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from parley import metrics
 from parley.errors import InvalidInput, ModelUnavailable
 from parley.serve import ServeContext, check_audio, deployment_args
 from parley.v1 import turn_pb2
@@ -27,6 +28,7 @@ from services.turn.servicer import TurnServicer
 @serve.deployment(name="turn", max_ongoing_requests=32)
 class TurnDeployment:
     async def __init__(self, config: TurnConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
+        metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
         self.engine = TurnEngine(config)
         await self.engine.start()  # loads and warms the models before the replica takes calls
         self.servicer = TurnServicer(self.engine)
