@@ -571,19 +571,26 @@ async def test_ended_session_takes_no_stream(
 
 
 async def test_leases_are_renewed_while_sessions_live(
-    engines: Engines, store: TenancyStore
+    engines: Engines,
+    redis_server: RedisServer,  # noqa: F811
 ) -> None:
-    tenant, _ = await new_tenant(store)
-    registry = SessionRegistry(engines, store, lease_s=0.6)
-    try:
-        record = await registry.create(tenant)
-        await asyncio.sleep(1.5)  # 2.5 leases: only renewals keep it
-        assert await store.active_sessions(tenant) == [record.session_id]
-        assert record.active
-    finally:
-        await registry.close()
-    assert await store.active_sessions(tenant) == []
-    assert not record.active
+    # A store of its own: the module's other gateways would take the session over when
+    # this one closes (tests/test_session_replicas.py).
+    async with TenancyStore.from_url(
+        redis_server.url, prefix=f"test-leases-{uuid.uuid4().hex[:8]}:"
+    ) as store:
+        tenant, _ = await new_tenant(store)
+        registry = SessionRegistry(engines, store, lease_s=0.6)
+        try:
+            record = await registry.create(tenant)
+            await asyncio.sleep(1.5)  # 2.5 leases: only renewals keep it
+            assert await store.active_sessions(tenant) == [record.session_id]
+            assert record.active
+        finally:
+            await registry.close()
+        # The only gateway closed: the session ended and freed its slot.
+        assert await store.active_sessions(tenant) == []
+        assert not record.active
 
 
 # --------------------------------------------------------------------------- live video

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -89,6 +90,12 @@ def serve_addresses(
 
     avatars = tmp_path_factory.mktemp("avatars")
     write_tinted_avatar(avatars)
+    # The stages' own gRPC services check API keys in the gateway's store (as `parley
+    # serve` and the Helm chart set it up); the cluster's processes inherit this.
+    env = {parley_serve.REDIS_URL_ENV: redis_server.url, parley_serve.KEY_PREFIX_ENV: KEY_PREFIX}
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    STAGE_KEY[:] = [asyncio.run(create_key(redis_server.url, "stage-user"))]
     parley_serve.init_local_ray(num_cpus=2, _metrics_export_port=metrics_port)
     try:
         config = parley_serve.load_config(
@@ -107,6 +114,11 @@ def serve_addresses(
     finally:
         serve.shutdown()
         ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +134,21 @@ async def channel(serve_address: str) -> AsyncIterator[grpc.aio.Channel]:
 
 def app(name: str) -> tuple[tuple[str, str]]:
     return (("application", name),)
+
+
+#: The API key direct calls to the stage applications carry (made by `serve_addresses`).
+STAGE_KEY: list[str] = []
+
+
+async def create_key(redis_url: str, tenant: str) -> str:
+    async with TenancyStore.from_url(redis_url, prefix=KEY_PREFIX) as tenancy:
+        _, key = await tenancy.create_key(tenant)
+        return key
+
+
+def stage(name: str) -> tuple[tuple[str, str], ...]:
+    """Metadata of a direct call to a stage application: its name and an API key."""
+    return (*app(name), ("authorization", f"Bearer {STAGE_KEY[0]}"))
 
 
 async def requests(items: list[Any]) -> AsyncIterator[Any]:
@@ -162,7 +189,22 @@ def tts_requests(text: str) -> list[tts_pb2.TtsRequest]:
 
 async def synthesize(channel: grpc.aio.Channel, text: str) -> list[tts_pb2.TtsEvent]:
     stub = tts_pb2_grpc.TtsStub(channel)
-    return [ev async for ev in stub.Synthesize(requests(tts_requests(text)), metadata=app("tts"))]
+    return [ev async for ev in stub.Synthesize(requests(tts_requests(text)), metadata=stage("tts"))]
+
+
+async def test_stage_services_need_an_api_key(channel: grpc.aio.Channel) -> None:
+    """Every application shares Serve's gRPC port: a stage is as reachable as the
+    sessions API, so it asks for the same API keys."""
+    tts = tts_pb2_grpc.TtsStub(channel)
+    llm = llm_pb2_grpc.LlmStub(channel)
+    wrong = (*app("llm"), ("authorization", "Bearer pk_0000000000000000_wrong"))
+    for call, fragment in (
+        (tts.Synthesize(held(tts_requests("Hello.")), metadata=app("tts")), "missing API key"),
+        (llm.Generate(llm_pb2.GenerateRequest(), metadata=wrong), "malformed API key"),
+    ):
+        await expect_error(call, grpc.StatusCode.UNAUTHENTICATED, fragment)
+    # With the key, the same call goes through (the other stage tests use one).
+    assert await synthesize(channel, "Hello.")
 
 
 async def test_tts_streams_audio_and_phonemes_through_serve(channel: grpc.aio.Channel) -> None:
@@ -182,12 +224,12 @@ async def test_bad_streams_get_our_status_and_message(channel: grpc.aio.Channel)
     tts = tts_pb2_grpc.TtsStub(channel)
     twice = [tts_pb2.TtsRequest(config=tts_pb2.TtsConfig())] * 2
     await expect_error(
-        tts.Synthesize(held(twice), metadata=app("tts")),
+        tts.Synthesize(held(twice), metadata=stage("tts")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "config may only be sent once",
     )
     await expect_error(
-        tts.Synthesize(held([tts_pb2.TtsRequest()]), metadata=app("tts")),
+        tts.Synthesize(held([tts_pb2.TtsRequest()]), metadata=stage("tts")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "empty TtsRequest",
     )
@@ -195,7 +237,7 @@ async def test_bad_streams_get_our_status_and_message(channel: grpc.aio.Channel)
     await expect_error(
         asr.Transcribe(
             held([asr_pb2.AsrRequest(config=asr_pb2.AsrConfig(language="fr"))]),
-            metadata=app("asr"),
+            metadata=stage("asr"),
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "not served",
@@ -203,19 +245,19 @@ async def test_bad_streams_get_our_status_and_message(channel: grpc.aio.Channel)
     turn = turn_pb2_grpc.TurnStub(channel)
     bad_turn = turn_pb2.TurnConfig(min_silence_ms=900, max_silence_ms=300)
     await expect_error(
-        turn.Detect(held([turn_pb2.TurnRequest(config=bad_turn)]), metadata=app("turn")),
+        turn.Detect(held([turn_pb2.TurnRequest(config=bad_turn)]), metadata=stage("turn")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "must not exceed",
     )
     llm = llm_pb2_grpc.LlmStub(channel)
     await expect_error(
-        llm.Generate(llm_pb2.GenerateRequest(), metadata=app("llm")),
+        llm.Generate(llm_pb2.GenerateRequest(), metadata=stage("llm")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "at least one message",
     )
     # An application that is not deployed: Serve's own NOT_FOUND.
     await expect_error(
-        tts.Synthesize(held(tts_requests("Hello there.")), metadata=app("nope")),
+        tts.Synthesize(held(tts_requests("Hello there.")), metadata=stage("nope")),
         grpc.StatusCode.NOT_FOUND,
         "nope",
     )
@@ -232,12 +274,12 @@ async def test_a_failing_stream_leaves_a_concurrent_one_running(
                 yield r
                 await asyncio.sleep(0.02)
 
-        return [ev async for ev in tts.Synthesize(paced(), metadata=app("tts"))]
+        return [ev async for ev in tts.Synthesize(paced(), metadata=stage("tts"))]
 
     async def bad() -> None:
         await asyncio.sleep(0.05)
         await expect_error(
-            tts.Synthesize(held([tts_pb2.TtsRequest()]), metadata=app("tts")),
+            tts.Synthesize(held([tts_pb2.TtsRequest()]), metadata=stage("tts")),
             grpc.StatusCode.INVALID_ARGUMENT,
             "empty TtsRequest",
         )
@@ -265,7 +307,7 @@ async def test_asr_transcribes_speech_through_serve(channel: grpc.aio.Channel) -
         for i in range(0, len(audio), FRAME)
     ]
     stub = asr_pb2_grpc.AsrStub(channel)
-    out = [ev async for ev in stub.Transcribe(requests(reqs), metadata=app("asr"))]
+    out = [ev async for ev in stub.Transcribe(requests(reqs), metadata=stage("asr"))]
     finals = [ev.transcript.text for ev in out if ev.transcript.is_final]
     assert finals and "table" in finals[-1].lower(), finals
 
@@ -277,7 +319,7 @@ async def test_llm_streams_tokens_through_serve(channel: grpc.aio.Channel) -> No
         max_tokens=8,
         temperature=0.0,
     )
-    events = [ev async for ev in stub.Generate(request, metadata=app("llm"))]
+    events = [ev async for ev in stub.Generate(request, metadata=stage("llm"))]
     assert any(ev.WhichOneof("event") == "text" and ev.text for ev in events)
     done = events[-1].done
     assert done.completion_tokens >= 1 and done.time_to_first_token_s > 0
@@ -294,12 +336,12 @@ async def test_render_streams_frames_through_serve(channel: grpc.aio.Channel) ->
             )
         ),
     ]
-    frames = [f async for f in stub.Render(requests(reqs), metadata=app("render"))]
+    frames = [f async for f in stub.Render(requests(reqs), metadata=stage("render"))]
     assert frames and all(f.width == f.height == 64 for f in frames)
     assert all(len(f.data) == 64 * 64 * 3 and f.encoding == "rgb24" for f in frames)
     assert frames[-1].pts_s >= 0.2  # frames run to the end of the queued speech
     await expect_error(
-        stub.Render(held(reqs[1:]), metadata=app("render")),
+        stub.Render(held(reqs[1:]), metadata=stage("render")),
         grpc.StatusCode.INVALID_ARGUMENT,
         "must be a config",
     )

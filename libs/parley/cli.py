@@ -196,9 +196,14 @@ def serve(
             gateway = app.args.setdefault("config", {})
             if redis_url is not None:
                 gateway["redis_url"] = redis_url
-            url = gateway.get("redis_url") or os.environ.get("PARLEY_REDIS_URL", "")
+            url = gateway.get("redis_url") or os.environ.get(parley_serve.REDIS_URL_ENV, "")
             if url:
                 _check_redis(url)
+                # The stages' own gRPC services check API keys in the same store: the
+                # local cluster's processes inherit this environment.
+                os.environ[parley_serve.REDIS_URL_ENV] = url
+                if prefix := gateway.get("key_prefix"):
+                    os.environ[parley_serve.KEY_PREFIX_ENV] = prefix
     import ray
     from ray import serve as ray_serve
 

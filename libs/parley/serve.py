@@ -16,6 +16,7 @@ way `serve run CONFIG` does.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -40,6 +41,9 @@ DEFAULT_CONFIG = (
     / "files"
     / "serve-config.yaml"
 )
+
+
+log = logging.getLogger(__name__)
 
 
 class Aborted(Exception):
@@ -105,6 +109,62 @@ class ServeContext:
 
     def peer(self) -> str:
         return self._ctx.peer() if self._ctx is not None else ""
+
+
+#: Where every Ray container finds the Redis of API keys (the Helm chart sets it from a
+#: Secret; `parley serve` passes its gateway's), and the prefix of their keys.
+REDIS_URL_ENV = "PARLEY_REDIS_URL"
+KEY_PREFIX_ENV = "PARLEY_REDIS_PREFIX"
+
+
+class StageKeys:
+    """API keys on a stage's own gRPC service (`parley.v1.Asr`, `Tts`, ...) on Serve.
+
+    Serve puts every application on one gRPC port, so a stage is as reachable as the
+    sessions API: with $PARLEY_REDIS_URL set, a direct call must carry a valid API key
+    (`authorization: Bearer <key>` or `x-api-key`), like the sessions API, or ends
+    UNAUTHENTICATED. Without it the stages are open, as the gateway is then (a warning;
+    only for a cluster nobody else reaches). The sessions gateway calls the stages
+    through Serve handles, not this port, and is not asked for a key.
+    """
+
+    def __init__(self, service: str, tenancy: Any | None) -> None:
+        self.service = service
+        self.tenancy = tenancy
+
+    @classmethod
+    def from_env(cls, service: str) -> StageKeys:
+        from parley.tenancy import DEFAULT_PREFIX, TenancyStore
+
+        url = os.environ.get(REDIS_URL_ENV, "")
+        if not url:
+            log.warning("%s: no $%s: its gRPC service takes calls without an API key",
+                        service, REDIS_URL_ENV)  # fmt: skip
+            return cls(service, None)
+        prefix = os.environ.get(KEY_PREFIX_ENV, "") or DEFAULT_PREFIX
+        return cls(service, TenancyStore.from_url(url, prefix=prefix))
+
+    async def check(self, context: ServeContext) -> None:
+        """Abort the call unless it carries a valid API key (when keys are on)."""
+        if self.tenancy is None:
+            return
+        from redis.exceptions import RedisError
+
+        from parley.tenancy import Unauthenticated, api_key_from_headers
+
+        try:
+            headers = [(k, v) for k, v in context.invocation_metadata() if isinstance(v, str)]
+            await self.tenancy.authenticate(api_key_from_headers(headers))
+        except Unauthenticated as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{self.service}: {exc}")
+        except RedisError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"{self.service}: the API key store is unreachable"
+            )
+
+    async def aclose(self) -> None:
+        if self.tenancy is not None:
+            await self.tenancy.aclose()
 
 
 def deployment_args(args: Mapping[str, Any] | None, model: type[BaseModel]) -> BaseModel:

@@ -43,6 +43,7 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Self, cast
 
@@ -175,6 +176,31 @@ class TenantLimits:
 
 
 DEFAULT_LIMITS = TenantLimits(max_concurrent_sessions=10, sessions_per_minute=60)
+
+
+AUTHORIZATION = "authorization"
+X_API_KEY = "x-api-key"
+
+
+def api_key_from_headers(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The API key in `authorization: Bearer <key>` or `x-api-key: <key>`; None if neither.
+
+    Header names are matched case-insensitively. Two different keys, or an
+    `authorization` header of another scheme, are refused rather than guessed at.
+    """
+    keys: set[str] = set()
+    for name, value in headers:
+        name = name.lower()
+        if name == AUTHORIZATION:
+            scheme, _, credentials = value.strip().partition(" ")
+            if scheme.lower() != "bearer" or not credentials.strip():
+                raise Unauthenticated("the authorization header must be 'Bearer <API key>'")
+            keys.add(credentials.strip())
+        elif name == X_API_KEY:
+            keys.add(value.strip())
+    if len(keys) > 1:
+        raise Unauthenticated("the request carries more than one API key; send one")
+    return keys.pop() if keys else None
 
 
 def validate_tenant(tenant: str) -> str:

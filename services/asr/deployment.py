@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from parley import metrics
-from parley.serve import ServeContext, check_audio, deployment_args
+from parley.serve import ServeContext, StageKeys, check_audio, deployment_args
 from parley.v1 import asr_pb2
 from ray import serve
 from ray.serve import Application
@@ -26,6 +26,7 @@ from services.asr.servicer import AsrServicer
 class AsrDeployment:
     async def __init__(self, config: AsrConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
         metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
+        self.keys = StageKeys.from_env("asr")  # API keys on the direct gRPC service
         self.engine = AsrEngine(config)
         await self.engine.start()
         self.servicer = AsrServicer(self.engine)
@@ -34,6 +35,7 @@ class AsrDeployment:
         self, request_stream: AsyncIterator[asr_pb2.AsrRequest], grpc_context: Any = None
     ) -> AsyncIterator[asr_pb2.AsrEvent]:
         context = ServeContext(grpc_context, request_stream)
+        await self.keys.check(context)
         async for event in self.servicer.Transcribe(request_stream, context):
             yield event
 

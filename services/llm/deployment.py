@@ -15,7 +15,7 @@ from typing import Any
 
 from parley import metrics
 from parley.errors import InvalidInput
-from parley.serve import ServeContext, deployment_args
+from parley.serve import ServeContext, StageKeys, deployment_args
 from parley.v1 import llm_pb2
 from ray import serve
 from ray.serve import Application
@@ -29,6 +29,7 @@ from services.llm.servicer import LlmServicer
 class LlmDeployment:
     async def __init__(self, config: LlmConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
         metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
+        self.keys = StageKeys.from_env("llm")  # API keys on the direct gRPC service
         self.engine = LlmEngine(config)
         await self.engine.start()
         self.servicer = LlmServicer(self.engine)
@@ -37,6 +38,7 @@ class LlmDeployment:
         self, request: llm_pb2.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[llm_pb2.GenerateEvent]:
         context = ServeContext(grpc_context)
+        await self.keys.check(context)
         async for event in self.servicer.Generate(request, context):
             yield event
 

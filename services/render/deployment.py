@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from parley import metrics
 from parley.errors import InvalidInput
-from parley.serve import ServeContext, deployment_args
+from parley.serve import ServeContext, StageKeys, deployment_args
 from parley.v1 import render_pb2
 from ray import serve
 from ray.serve import Application
@@ -40,6 +40,7 @@ from services.render.servicer import RenderServicer
 class RenderDeployment:
     async def __init__(self, config: RenderConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
         metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
+        self.keys = StageKeys.from_env("render")  # API keys on the direct gRPC service
         self.engine = RenderEngine(config)
         await self.engine.start()
         self.servicer = RenderServicer(self.engine)
@@ -57,6 +58,7 @@ class RenderDeployment:
         self, request_stream: AsyncIterator[render_pb2.RenderRequest], grpc_context: Any = None
     ) -> AsyncIterator[render_pb2.VideoFrame]:
         context = ServeContext(grpc_context, request_stream)
+        await self.keys.check(context)
         async for frame in self.servicer.Render(request_stream, context):
             yield frame
 

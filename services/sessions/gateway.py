@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import numpy as np
 from parley import rpc
-from parley.tenancy import Principal, Unauthenticated
+from parley.tenancy import Principal
 
 from services.sessions.conversation import Conversation, ConversationEvent, TurnDoneEvent
 from services.sessions.registry import (
@@ -35,30 +35,6 @@ VIDEO_TAIL_S = 0.25
 
 #: Who every caller is when the registry has no `TenancyStore` (in-process use).
 LOCAL_PRINCIPAL = Principal(tenant=LOCAL_TENANT, key_id="")
-
-AUTHORIZATION = "authorization"
-X_API_KEY = "x-api-key"
-
-
-def api_key_from_headers(headers: Iterable[tuple[str, str]]) -> str | None:
-    """The API key in `authorization: Bearer <key>` or `x-api-key: <key>`; None if neither.
-
-    Header names are matched case-insensitively. Two different keys, or an
-    `authorization` header of another scheme, are refused rather than guessed at.
-    """
-    keys: set[str] = set()
-    for name, value in headers:
-        name = name.lower()
-        if name == AUTHORIZATION:
-            scheme, _, credentials = value.strip().partition(" ")
-            if scheme.lower() != "bearer" or not credentials.strip():
-                raise Unauthenticated("the authorization header must be 'Bearer <API key>'")
-            keys.add(credentials.strip())
-        elif name == X_API_KEY:
-            keys.add(value.strip())
-    if len(keys) > 1:
-        raise Unauthenticated("the request carries more than one API key; send one")
-    return keys.pop() if keys else None
 
 
 async def authenticate(registry: SessionRegistry, api_key: str | None) -> Principal:

@@ -70,7 +70,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from parley.audio import ASR_SAMPLE_RATE, float_to_pcm16, pcm16_to_float
 from parley.errors import InvalidInput, ModelUnavailable, RequestRefused
-from parley.tenancy import LimitExceeded, Principal
+from parley.tenancy import X_API_KEY, LimitExceeded, Principal, api_key_from_headers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
@@ -288,7 +288,7 @@ async def caller(
     _api_key: Annotated[str | None, Security(_api_key_scheme)],
 ) -> Principal:
     """The authenticated tenant of a REST call (401 if the key is missing or not valid)."""
-    api_key = gateway.api_key_from_headers(request.headers.items())
+    api_key = api_key_from_headers(request.headers.items())
     return await gateway.authenticate(_registry(request), api_key)
 
 
@@ -345,11 +345,11 @@ async def end_session(session_id: str, who: Caller, registry: Registry) -> Sessi
 def ws_api_key(headers: Iterable[tuple[str, str]], subprotocols: Iterable[str]) -> str | None:
     """The key from the headers or from a `parley.key.<key>` subprotocol (browsers)."""
     offered = [
-        (gateway.X_API_KEY, p.removeprefix(WS_KEY_SUBPROTOCOL_PREFIX))
+        (X_API_KEY, p.removeprefix(WS_KEY_SUBPROTOCOL_PREFIX))
         for p in subprotocols
         if p.startswith(WS_KEY_SUBPROTOCOL_PREFIX)
     ]
-    return gateway.api_key_from_headers([*headers, *offered])
+    return api_key_from_headers([*headers, *offered])
 
 
 def decode_client_audio(data: bytes) -> np.ndarray:

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 from parley import rpc, wire
 from parley.errors import InvalidInput
-from parley.tenancy import Principal
+from parley.tenancy import Principal, api_key_from_headers
 from parley.v1 import render_pb2, sessions_pb2, sessions_pb2_grpc
 
 from services.sessions import gateway
@@ -106,7 +106,7 @@ class SessionsServicer(sessions_pb2_grpc.SessionsServicer):
     async def _caller(self, context: grpc.aio.ServicerContext) -> Principal:
         metadata = context.invocation_metadata() or ()
         headers = [(k, v) for k, v in metadata if isinstance(v, str)]
-        return await gateway.authenticate(self.registry, gateway.api_key_from_headers(headers))
+        return await gateway.authenticate(self.registry, api_key_from_headers(headers))
 
     @rpc.unary("sessions")
     async def CreateSession(self, request, context):

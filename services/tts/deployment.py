@@ -13,7 +13,7 @@ from typing import Any
 
 from parley import metrics
 from parley.errors import InvalidInput
-from parley.serve import ServeContext, deployment_args
+from parley.serve import ServeContext, StageKeys, deployment_args
 from parley.v1 import tts_pb2
 from ray import serve
 from ray.serve import Application
@@ -27,6 +27,7 @@ from services.tts.servicer import TtsServicer
 class TtsDeployment:
     async def __init__(self, config: TtsConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
         metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
+        self.keys = StageKeys.from_env("tts")  # API keys on the direct gRPC service
         self.engine = TtsEngine(config)
         await self.engine.start()
         self.servicer = TtsServicer(self.engine)
@@ -35,6 +36,7 @@ class TtsDeployment:
         self, request_stream: AsyncIterator[tts_pb2.TtsRequest], grpc_context: Any = None
     ) -> AsyncIterator[tts_pb2.TtsEvent]:
         context = ServeContext(grpc_context, request_stream)
+        await self.keys.check(context)
         async for event in self.servicer.Synthesize(request_stream, context):
             yield event
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from parley import metrics
 from parley.errors import InvalidInput, ModelUnavailable
-from parley.serve import ServeContext, check_audio, deployment_args
+from parley.serve import ServeContext, StageKeys, check_audio, deployment_args
 from parley.v1 import turn_pb2
 from ray import serve
 from ray.serve import Application
@@ -29,6 +29,7 @@ from services.turn.servicer import TurnServicer
 class TurnDeployment:
     async def __init__(self, config: TurnConfig | None = None) -> None:  # type: ignore[misc]  # Serve awaits an async __init__
         metrics.export_to_ray()  # Ray's agent is what Prometheus scrapes
+        self.keys = StageKeys.from_env("turn")  # API keys on the direct gRPC service
         self.engine = TurnEngine(config)
         await self.engine.start()  # loads and warms the models before the replica takes calls
         self.servicer = TurnServicer(self.engine)
@@ -37,6 +38,7 @@ class TurnDeployment:
         self, request_stream: AsyncIterator[turn_pb2.TurnRequest], grpc_context: Any = None
     ) -> AsyncIterator[turn_pb2.TurnEvent]:
         context = ServeContext(grpc_context, request_stream)
+        await self.keys.check(context)
         async for event in self.servicer.Detect(request_stream, context):
             yield event
 
