@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import ray
 import yaml
-from parley import keys_cli, metrics, talk_cli
+from parley import keys_cli, metrics, rpc, talk_cli
 from ray.serve.schema import ServeDeploySchema
 
 from services.sessions.trace import MILESTONES
@@ -443,6 +443,13 @@ def test_external_redis_url_and_prefix() -> None:
     assert (config["redis_url"], config["key_prefix"]) == (url, "tenant-a:")
     head_env = env_of(ray_container(groups(objects)["head"]))
     assert head_env["PARLEY_REDIS_PREFIX"]["value"] == "tenant-a:"
+
+
+def test_every_ray_container_caps_grpc_messages_like_parley(default: dict[str, Any]) -> None:
+    # Serve's gRPC proxy would take 2 GiB messages; Parley's servers take MAX_MESSAGE_BYTES.
+    for name, group in groups(default["objects"]).items():
+        env = env_of(ray_container(group))
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"]["value"] == str(rpc.MAX_MESSAGE_BYTES), name
 
 
 # --- pods -----------------------------------------------------------------------------

@@ -466,12 +466,15 @@ async def test_bad_converse_streams_through_serve_spare_other_sessions(
             )
             odd = sessions_pb2.ClientEvent(audio=audio_8k.audio)
             odd.audio.sample_rate, odd.audio.pcm16 = SR, b"\x00" * 641
+            oversized = sessions_pb2.ClientEvent(audio=audio_8k.audio)
+            oversized.audio.sample_rate, oversized.audio.pcm16 = SR, b"\x00" * (5 << 20)
             cases = [
                 ([odd], "ConverseStart"),
                 ([_start("no-such-session")], "no-such-session"),
                 ([_start(victim.session_id), audio_8k], "16000 Hz"),
                 ([_start(victim.session_id), odd], "even number of bytes"),
                 ([_start(victim.session_id), _start(victim.session_id)], "only audio"),
+                ([_start(victim.session_id), oversized], "larger than max"),  # > 4 MiB
             ]
             codes = [
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -479,6 +482,7 @@ async def test_bad_converse_streams_through_serve_spare_other_sessions(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,  # Serve's proxy refuses it (4 MB)
             ]
             for (messages, fragment), code in zip(cases, codes, strict=True):
                 await expect_error(stub.Converse(held(messages), metadata=auth), code, fragment)

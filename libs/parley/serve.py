@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel
 
 from parley.errors import InvalidInput
+from parley.rpc import MAX_MESSAGE_BYTES
 
 #: The Serve config shipped with Parley (`parley serve` and the Helm chart read the same file).
 DEFAULT_CONFIG = (
@@ -336,6 +337,9 @@ def init_local_ray(num_cpus: int | None = None, **kwargs: Any) -> None:
     """A small local Ray cluster for `parley serve` and tests (no dashboard)."""
     import ray
 
+    # Serve's gRPC proxy would take messages up to 2 GiB; ours take 4 MiB (its actors
+    # inherit this environment). The Helm chart sets the same in every Ray container.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(MAX_MESSAGE_BYTES))
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("logging_level", "WARNING")
     kwargs.setdefault("log_to_driver", os.environ.get("PARLEY_RAY_LOGS", "") == "1")

@@ -107,6 +107,10 @@ Environment of every Ray container.
 - name: PARLEY_REDIS_PREFIX
   value: {{ . | quote }}
 {{- end }}
+# Serve's gRPC proxy would take messages up to 2 GiB; Parley's own servers take 4 MiB
+# (parley.rpc.MAX_MESSAGE_BYTES): a bigger one ends RESOURCE_EXHAUSTED at the proxy.
+- name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+  value: "4194304"
 # Libraries that cache files write under /tmp (the root filesystem is read-only).
 - name: XDG_CACHE_HOME
   value: /tmp/.cache
