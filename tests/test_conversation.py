@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 import grpc
@@ -28,7 +29,8 @@ from services.sessions.conversation import (
 )
 from services.sessions.registry import LOCAL_TENANT, SessionRegistry
 from services.sessions.servicer import SessionsServicer
-from services.sessions.video import AvatarVideoEvent
+from services.sessions.trace import TurnTrace
+from services.sessions.video import AvatarVideoEvent, render_timed
 from services.tts.engine import TtsEngine
 
 SR = 16_000
@@ -453,3 +455,12 @@ async def test_live_video_skips_frames_that_fail_to_render_and_goes_on(engines: 
     assert indices == sorted(set(indices))
     # The failed frames are missing from the stream, not sent late or twice.
     assert indices[-1] - indices[0] + 1 >= len(frames) + video.stats.failed
+
+
+async def test_a_reply_whose_first_frame_fails_to_render_goes_on_without_it() -> None:
+    config = RenderConfig(width=64, height=64)
+    render = RenderEngine(config, backend=FlakyRenderBackend(config, lost=range(1, 1000)))
+    trace = TurnTrace(turn=1)
+    with ThreadPoolExecutor(1) as executor:
+        await render_timed(executor, render.stream(), trace, 0)  # no exception
+    assert trace.first_frame == 0.0  # no milestone: the frame was never drawn

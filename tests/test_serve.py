@@ -552,6 +552,20 @@ async def test_parley_metrics_reach_prometheus_through_rays_agent(
     assert exported and exported <= declared, exported - declared
 
 
+def test_a_counter_mirrored_to_ray_takes_zero(serve_address: str) -> None:
+    """A generation cancelled before its first token counts 0 tokens: Ray's own counter
+    refuses 0, the mirror must not pass it on (it would replace the cancellation)."""
+    tokens = metrics.LLM_TOKENS
+    tokens._ray = tokens._make_ray()  # as in a replica after export_to_ray(); Ray runs here
+    try:
+        tokens.labels("completion").inc(0)
+        tokens.labels("completion").inc(2)
+        with pytest.raises(ValueError):
+            tokens.labels("completion").inc(-1)
+    finally:
+        tokens._ray = None
+
+
 def _start(session_id: str) -> sessions_pb2.ClientEvent:
     return sessions_pb2.ClientEvent(start=sessions_pb2.ConverseStart(session_id=session_id))
 

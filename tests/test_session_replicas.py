@@ -140,9 +140,8 @@ async def test_a_stopping_replica_hands_its_sessions_to_the_others(
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     prefix = f"test-replicas-{next(_prefixes)}:"
-    stores = [TenancyStore.from_url(redis_server.url, prefix=prefix) for _ in range(3)]
-    a, b = (SessionRegistry(engines, store, lease_s=3.0) for store in stores[:2])
-    c = SessionRegistry(engines, stores[2], lease_s=3.0)
+    stores = [TenancyStore.from_url(redis_server.url, prefix=prefix) for _ in range(4)]
+    a, b, c, d = (SessionRegistry(engines, store, lease_s=3.0) for store in stores)
     try:
         await a.start()
         await b.start()
@@ -165,13 +164,66 @@ async def test_a_stopping_replica_hands_its_sessions_to_the_others(
         async with b.stream(on_b) as conversation:
             assert conversation.turn == 1 and conversation.history[-1].content == "hey"
         assert (await b.get("acme", record.session_id)).active  # ... and keeps it after
+        # A rolling update: b stops soon after it took the session; c, new, takes it.
+        await c.start()
+        await b.close()
+        on_c = await c.get("acme", record.session_id)
+        assert on_c.active and on_c.keeper == (await d.get("acme", record.session_id)).keeper
+        async with c.stream(on_c) as conversation:
+            assert conversation.turn == 1
         # The last replica stops: nobody is left to keep the session, so it ends for
         # everyone and frees the tenant's slot.
-        await b.close()
-        assert not (await c.get("acme", record.session_id)).active
-        assert await stores[2].active_sessions("acme") == []
+        await c.close()
+        assert not (await d.get("acme", record.session_id)).active
+        assert await stores[3].active_sessions("acme") == []
     finally:
-        for registry in (a, b, c):
+        for registry in (a, b, c, d):
+            await registry.close()
+        for store in stores:
+            await store.aclose()
+
+
+async def kill(registry: SessionRegistry) -> None:
+    """Stop a replica as a crash (or Serve's kill) would: no close, nothing handed over,
+    its heartbeat and renewals simply stop."""
+    await registry._stop_background()
+
+
+async def test_sessions_of_a_replica_that_died_are_kept_by_the_next_one_to_read_them(
+    engines: Engines,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    prefix = f"test-replicas-{next(_prefixes)}:"
+    stores = [TenancyStore.from_url(redis_server.url, prefix=prefix) for _ in range(2)]
+    a, b = (SessionRegistry(engines, store, lease_s=3.0) for store in stores)
+    try:
+        await b.start()
+        kept = await a.create("acme")
+        await kill(a)  # killed while a stream was open, say: its sessions have no keeper
+        # Its heartbeat (half a lease) lapses before the sessions' leases do.
+        await asyncio.sleep(1.6)
+        on_b = await b.get("acme", kept.session_id)
+        assert on_b.active
+        await asyncio.sleep(3.5)  # b renews its lease now
+        assert (await b.get("acme", kept.session_id)).active
+        assert await stores[1].active_sessions("acme") == [kept.session_id]
+        async with b.stream(on_b) as conversation:
+            assert conversation.turn == 0
+        assert (await b.get("acme", kept.session_id)).active  # kept after the stream too
+
+        # A session nobody read until its lease lapsed is over, and its slot free.
+        c = SessionRegistry(
+            engines, TenancyStore.from_url(redis_server.url, prefix=prefix), lease_s=3.0
+        )
+        lost = await c.create("acme")
+        await kill(c)
+        await asyncio.sleep(3.5)
+        assert not (await b.get("acme", lost.session_id)).active
+        assert await stores[1].active_sessions("acme") == [kept.session_id]
+        assert c.tenancy is not None
+        await c.tenancy.aclose()
+    finally:
+        for registry in (a, b):
             await registry.close()
         for store in stores:
             await store.aclose()

@@ -73,8 +73,10 @@ class Counter(Metric):
         self._inc((), amount)
 
     def _inc(self, values: tuple[str, ...], amount: float) -> None:
+        # prometheus_client raises on a negative amount; Ray's counter also on 0 (a
+        # generation cancelled before its first token counts 0 tokens).
         (self.prom.labels(*values) if values else self.prom).inc(amount)
-        if self._ray is not None:
+        if self._ray is not None and amount > 0:
             self._ray.inc(amount, tags=self._tags(values))
 
     def exported_samples(self) -> dict[str, set[str]]:

@@ -168,6 +168,13 @@ class StageKeys:
             await self.tenancy.aclose()
 
 
+async def close_keys(deployment: object) -> None:
+    """A stage deployment's `__del__`: close its `StageKeys` (absent if `__init__` failed)."""
+    keys = getattr(deployment, "keys", None)
+    if isinstance(keys, StageKeys):
+        await keys.aclose()
+
+
 def deployment_args(args: Mapping[str, Any] | None, model: type[BaseModel]) -> BaseModel:
     """Validate an application's `args.config` (from the Serve config) as the service's config."""
     config = dict((args or {}).get("config") or {})

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from parley import metrics
-from parley.serve import ServeContext, StageKeys, check_audio, deployment_args
+from parley.serve import ServeContext, StageKeys, check_audio, close_keys, deployment_args
 from parley.v1 import asr_pb2
 from ray import serve
 from ray.serve import Application
@@ -48,6 +48,9 @@ class AsrDeployment:
     async def config(self) -> dict[str, Any]:
         """This replica's validated config (callers build matching local state from it)."""
         return self.engine.config.model_dump(mode="json")
+
+    async def __del__(self) -> None:
+        await close_keys(self)
 
 
 def build(args: dict[str, Any]) -> Application:

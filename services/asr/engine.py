@@ -81,6 +81,8 @@ class AsrEngine:
     ):
         self.config = config or AsrConfig()
         self.backend = backend or make_backend(self.config)
+        # A stage replica behind the backend records its own metrics (not twice).
+        self._own_metrics = not getattr(self.backend, "remote", False)
         self.vad_model = SileroVadModel()
         # One decode at a time for a model in this process: it already uses every core
         # it is given. More `workers` for a remote backend, whose calls mostly wait.
@@ -98,7 +100,8 @@ class AsrEngine:
             self._executor, self.backend.decode, audio
         )
         elapsed = clock.now() - started
-        metrics.STAGE_LATENCY.labels("asr", "decode").observe(elapsed)
+        if self._own_metrics:
+            metrics.STAGE_LATENCY.labels("asr", "decode").observe(elapsed)
         if decoded.no_speech_prob > self.config.no_speech_threshold:
             decoded = Decoded("", decoded.no_speech_prob, decoded.avg_logprob)
         return decoded, elapsed

@@ -15,7 +15,7 @@ from typing import Any
 
 from parley import metrics
 from parley.errors import InvalidInput
-from parley.serve import ServeContext, StageKeys, deployment_args
+from parley.serve import ServeContext, StageKeys, close_keys, deployment_args
 from parley.v1 import llm_pb2
 from ray import serve
 from ray.serve import Application
@@ -70,6 +70,9 @@ def _messages(messages: object) -> list[ChatMessage]:
     if not isinstance(messages, list) or not all(isinstance(m, ChatMessage) for m in messages):
         raise InvalidInput("messages must be a list of ChatMessage")
     return messages
+
+    async def __del__(self) -> None:
+        await close_keys(self)
 
 
 def build(args: dict[str, Any]) -> Application:

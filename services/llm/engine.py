@@ -96,6 +96,8 @@ class LlmEngine:
     def __init__(self, config: LlmConfig | None = None, backend: LlmBackend | None = None):
         self.config = config or LlmConfig()
         self.backend = backend or make_backend(self.config)
+        # A stage replica behind the backend records its own metrics (not twice).
+        self._own_metrics = not getattr(self.backend, "remote", False)
 
     async def start(self) -> None:
         await self.backend.start()
@@ -120,7 +122,8 @@ class LlmEngine:
             return 0
         started = clock.now()
         tokens: int = await prefill(messages)
-        metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
+        if self._own_metrics:
+            metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
         return tokens
 
     async def generate(
@@ -149,7 +152,9 @@ class LlmEngine:
                     continue
                 if first:
                     stats.time_to_first_token_s = clock.now() - stats.started_at
-                    metrics.STAGE_LATENCY.labels("llm", "ttfb").observe(stats.time_to_first_token_s)
+                    if self._own_metrics:
+                        ttfb = stats.time_to_first_token_s
+                        metrics.STAGE_LATENCY.labels("llm", "ttfb").observe(ttfb)
                     first = False
                 yield piece
         except (asyncio.CancelledError, GeneratorExit):
@@ -157,8 +162,9 @@ class LlmEngine:
             raise
         finally:
             await _aclose(stream)
-            metrics.LLM_TOKENS.labels("prompt").inc(stats.prompt_tokens)
-            metrics.LLM_TOKENS.labels("completion").inc(stats.completion_tokens)
+            if self._own_metrics:
+                metrics.LLM_TOKENS.labels("prompt").inc(stats.prompt_tokens)
+                metrics.LLM_TOKENS.labels("completion").inc(stats.completion_tokens)
 
 
 async def _aclose(stream: AsyncIterator[str]) -> None:

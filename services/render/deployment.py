@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from parley import metrics
 from parley.errors import InvalidInput
-from parley.serve import ServeContext, StageKeys, deployment_args
+from parley.serve import ServeContext, StageKeys, close_keys, deployment_args
 from parley.v1 import render_pb2
 from ray import serve
 from ray.serve import Application
@@ -95,10 +95,11 @@ class RenderDeployment:
         """Frames this replica has rendered for handle callers."""
         return {"frames_rendered": self.frames_rendered}
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
         frames = getattr(self, "_frames", None)  # absent if __init__ failed
         if frames is not None:
             frames.shutdown(wait=False, cancel_futures=True)
+        await close_keys(self)
 
 
 def build(args: dict[str, Any]) -> Application:

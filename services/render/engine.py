@@ -35,6 +35,7 @@ import functools
 import math
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ from services.render.config import MAX_FPS, MAX_SIZE, MIN_FPS, MIN_SIZE, RenderC
 from services.render.default_avatar import AVATAR_ID, build_default_avatar, default_camera
 from services.render.rasterizer import Camera, Rasterizer, RasterSettings
 
+#: Frame sizes whose camera a render backend keeps.
+MAX_CAMERAS = 32
 #: Avatar ids: letters, digits, '_' and '-' (no dots or slashes: they name files).
 AVATAR_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: Audio sample rates accepted for speech.
@@ -668,9 +671,10 @@ class LocalRenderBackend:
         else:
             self.device = config.device
         self._avatars: dict[str, tuple[Avatar, Animator]] = {}
-        self._cameras: dict[tuple[int, int], Camera] = {}
+        self._cameras: OrderedDict[tuple[int, int], Camera] = OrderedDict()
         self._rasterizer = Rasterizer(RasterSettings(background=config.background))
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the caches; never held while loading or rendering
+        self._loading: dict[str, threading.Lock] = {}  # one load per avatar at a time
         self._dir = Path(config.avatars_dir) if config.avatars_dir else None
 
     def avatar_ids(self) -> list[str]:
@@ -707,6 +711,10 @@ class LocalRenderBackend:
             camera = self._cameras.get((width, height))
             if camera is None:
                 camera = self._cameras[(width, height)] = default_camera(width, height)
+                if len(self._cameras) > MAX_CAMERAS:  # any size may be asked for
+                    self._cameras.popitem(last=False)
+            else:
+                self._cameras.move_to_end((width, height))
             return camera
 
     def _animated(self, avatar_id: str) -> tuple[Avatar, Animator]:
@@ -715,11 +723,23 @@ class LocalRenderBackend:
             cached = self._avatars.get(avatar_id)
             if cached is not None:
                 return cached
-            avatar = self._load(avatar_id)
-            if self.device != "cpu":
-                avatar = Avatar(avatar.avatar_id, avatar.cloud.to(self.device), avatar.rig)
-            entry = (avatar, Animator(avatar))
-            self._avatars[avatar_id] = entry
+            loading = self._loading.setdefault(avatar_id, threading.Lock())
+        # Loaded outside the cache lock: frames of other avatars go on meanwhile.
+        with loading:
+            with self._lock:
+                cached = self._avatars.get(avatar_id)
+            if cached is not None:
+                return cached
+            try:
+                avatar = self._load(avatar_id)
+                if self.device != "cpu":
+                    avatar = Avatar(avatar.avatar_id, avatar.cloud.to(self.device), avatar.rig)
+                entry = (avatar, Animator(avatar))
+            finally:
+                with self._lock:
+                    self._loading.pop(avatar_id, None)
+            with self._lock:
+                self._avatars[avatar_id] = entry
             return entry
 
     def _load(self, avatar_id: str) -> Avatar:

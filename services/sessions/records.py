@@ -10,15 +10,20 @@ the deployment. So what a session *is* lives here, in Redis, not in a replica:
     {prefix}session:{id}:stream    the replica streaming it now (token; expires unless renewed)
     {prefix}sessions:ended         pub/sub channel: ids of sessions just ended
     {prefix}sessions:handover      pub/sub channel: sessions a stopping replica offers
-    {prefix}session:{id}:handover  which replica took an offered session (short-lived)
+    {prefix}handover:{offer}       which replica took an offered session (short-lived)
+    {prefix}gateway:{replica}      a gateway replica's heartbeat (expires unless renewed)
 
 A replica keeps a session's `Conversation` (models' state, the live audio) only while
 it holds it; the conversation history is written back after every turn, so a stream
 that lands on another replica goes on with the same history.
 
-A replica that stops (scale-in, a rollout) offers its sessions to the others: one
-of them takes each over (renews its lease, keeps it for its next stream). With no
-replica left to hear the offer, the sessions end.
+Each session has a *keeper*, the replica that renews its lease: the one that created
+it, until it hands it over. A replica that stops (scale-in, a rollout) offers its
+sessions to the others: one takes each over (becomes its keeper) and confirms; a
+session nobody confirms within a moment ends. A replica that dies instead (or is
+killed while streams are open) leaves its sessions without a keeper: its heartbeat
+lapses, and the next replica that reads such a session (a get, a new stream) becomes
+its keeper, or ends it if its lease has lapsed meanwhile.
 """
 
 from __future__ import annotations
@@ -58,9 +63,19 @@ return 0
 """
 
 _SAVE = """
--- KEYS: session hash; ARGV: turns, history. Writes only into an existing record.
+-- KEYS: session hash; ARGV: turns, history. Writes only into an existing record, and
+-- never an older state over a newer one (a replica's stale copy of the conversation).
 if redis.call('HEXISTS', KEYS[1], 'tenant') == 0 then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'turns') or '0') > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'turns', ARGV[1], 'history', ARGV[2])
+return 1
+"""
+
+_SWAP_KEEPER = """
+-- KEYS: session hash; ARGV: the keeper expected now, the new keeper. 1 if swapped.
+if redis.call('HEXISTS', KEYS[1], 'tenant') == 0 then return 0 end
+if (redis.call('HGET', KEYS[1], 'keeper') or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'keeper', ARGV[2])
 return 1
 """
 
@@ -90,6 +105,8 @@ class StoredSession:
     ended_at: float = 0.0
     turns: int = 0
     history: list[ChatMessage] = field(default_factory=list)
+    #: The gateway replica that keeps it (renews its lease), by its id.
+    keeper: str = ""
 
 
 class SessionRecords:
@@ -106,6 +123,7 @@ class SessionRecords:
         self._release = redis.register_script(_RELEASE)
         self._renew = redis.register_script(_RENEW)
         self._save = redis.register_script(_SAVE)
+        self._swap_keeper = redis.register_script(_SWAP_KEEPER)
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}"
@@ -130,6 +148,7 @@ class SessionRecords:
                     "ended_at": repr(s.ended_at),
                     "turns": s.turns,
                     "history": _dump_history(s.history),
+                    "keeper": s.keeper,
                 },
             )
             pipe.zadd(self._index(s.tenant), {s.session_id: s.created_at})
@@ -174,16 +193,46 @@ class SessionRecords:
         keys = [self._key(session_id)]
         return bool(await self._save(keys=keys, args=[turns, _dump_history(history)]))
 
-    async def offer(self, tenant: str, session_id: str, sender: str) -> int:
-        """Offer a session to the other replicas (replica `sender` is stopping): how many
-        listeners heard it, the sender's own included if it listens."""
-        message = json.dumps({"tenant": tenant, "session_id": session_id, "from": sender})
-        return int(await self.redis.publish(self.handover_channel, message))
+    # -- replicas: heartbeats, keepers, hand-overs --
 
-    async def take_over(self, session_id: str, ttl_s: float) -> bool:
-        """Whether this replica is the one (of those that heard an offer) to keep it."""
-        key = f"{self._key(session_id)}:handover"
-        return bool(await self.redis.set(key, "1", nx=True, px=int(ttl_s * 1000)))
+    def _heartbeat(self, replica: str) -> str:
+        return f"{self.prefix}gateway:{replica}"
+
+    def _offer(self, offer_id: str) -> str:
+        return f"{self.prefix}handover:{offer_id}"
+
+    async def beat(self, replica: str, ttl_s: float) -> None:
+        """Replica `replica` is alive for `ttl_s` more (renewed with the leases)."""
+        await self.redis.set(self._heartbeat(replica), "1", px=int(ttl_s * 1000))
+
+    async def stop_beating(self, replica: str) -> None:
+        await self.redis.delete(self._heartbeat(replica))
+
+    async def keeper_alive(self, keeper: str) -> bool:
+        return bool(keeper) and bool(await self.redis.exists(self._heartbeat(keeper)))
+
+    async def swap_keeper(self, session_id: str, expected: str, keeper: str) -> bool:
+        """Make `keeper` the session's keeper if `expected` still is (compare and set)."""
+        return bool(await self._swap_keeper(keys=[self._key(session_id)], args=[expected, keeper]))
+
+    async def offer(self, tenant: str, session_id: str, sender: str, offer_id: str) -> int:
+        """Offer a session to the other replicas (replica `sender` is stopping): how many
+        listeners heard it. One answers by `claim_offer`, then `confirm_offer`."""
+        message = {"tenant": tenant, "session_id": session_id, "from": sender, "offer": offer_id}
+        return int(await self.redis.publish(self.handover_channel, json.dumps(message)))
+
+    async def claim_offer(self, offer_id: str, replica: str, ttl_s: float) -> bool:
+        """Whether `replica` is the one (of those that heard the offer) to take it."""
+        return bool(
+            await self.redis.set(self._offer(offer_id), replica, nx=True, px=int(ttl_s * 1000))
+        )
+
+    async def confirm_offer(self, offer_id: str, replica: str, ttl_s: float) -> None:
+        """The taker holds the session now (what the stopping replica waits for)."""
+        await self.redis.set(self._offer(offer_id), f"done:{replica}", px=int(ttl_s * 1000))
+
+    async def offer_taken(self, offer_id: str) -> bool:
+        return str(await self.redis.get(self._offer(offer_id)) or "").startswith("done:")
 
     async def claim_stream(self, session_id: str, token: str, ttl_s: float) -> int:
         """1: this stream holds the session; 0: another does; -1: it has ended or is gone."""
@@ -228,4 +277,5 @@ def _from_hash(session_id: str, data: dict[str, str]) -> StoredSession:
         ended_at=float(data.get("ended_at", "0")),
         turns=int(data.get("turns", "0")),
         history=_load_history(data.get("history", "")),
+        keeper=data.get("keeper", ""),
     )

@@ -56,6 +56,12 @@ MAX_VOICE_CHARS = 64
 LOCAL_TENANT = "local"
 #: A session's slot in Redis lapses this long after its gateway stopped renewing it.
 DEFAULT_LEASE_S = 60.0
+#: The listener checks this often whether the registry is stopping.
+LISTEN_POLL_S = 0.5
+#: Background tasks get this long to stop by themselves before they are cancelled.
+STOP_WAIT_S = 5.0
+#: A stopping replica waits this long for another to confirm it took a session over.
+HANDOVER_WAIT_S = 2.0
 #: Ended sessions stay in this replica's memory until this many newer ones have ended
 #: (with Redis, get/list read the records, which expire a day after their end).
 MAX_ENDED_KEPT = 1000
@@ -119,6 +125,8 @@ class SessionRecord:
     stored_turns: int = 0
     #: Created on another replica; this one holds its conversation only while streaming.
     adopted: bool = False
+    #: The replica that keeps it (renews its lease), as last read from Redis.
+    keeper: str = ""
 
     @property
     def active(self) -> bool:
@@ -163,6 +171,9 @@ class SessionRegistry:
         self._admitting = 0  # creations between the capacity check and the record
         self._renewer: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        #: Set to stop both: they end at their next wait rather than being cancelled
+        #: (cancelling a redis-py pub/sub read could leave its connection's lock held).
+        self._stopping = asyncio.Event()
         self._closed = False
         #: Shared with every replica of the gateway (None: this process only).
         self.records = SessionRecords(tenancy.redis, tenancy.prefix) if tenancy else None
@@ -172,6 +183,8 @@ class SessionRegistry:
         self._finishing: set[str] = set()
         #: Whether this replica's listener is subscribed (it hears its own offers too).
         self._listening = False
+        #: Its heartbeat in Redis lasts half a lease (renewed every third): a replica that
+        #: dies is seen gone while its sessions' leases still hold, so others keep them.
         self._replica_id = uuid.uuid4().hex
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -234,8 +247,10 @@ class SessionRegistry:
             conversation=conversation,
         )
         if self.records is not None:
+            record.keeper = self._replica_id
             try:
                 with tenancy_errors():
+                    await self.records.beat(self._replica_id, self.lease_s / 2)
                     await self.records.put(_stored(record))
             except BaseException:  # a failure, or the caller gone: nothing may stay behind
                 await asyncio.shield(self._abandon(conversation, tenant, session_id))
@@ -266,7 +281,34 @@ class SessionRegistry:
                 await self._end(local, release=False, at=stored.ended_at)
                 local.ended_at = stored.ended_at
             return local
+        if not stored.ended_at and not self._closed:
+            with tenancy_errors():
+                if not await self.records.keeper_alive(stored.keeper):
+                    return await self._keep_orphan(stored)
         return _record(stored)
+
+    async def _keep_orphan(self, stored: StoredSession) -> SessionRecord:
+        """Keep a session whose keeper died (killed with streams open, or lost): renew its
+        lease here, or end it if the lease has lapsed meanwhile."""
+        assert self.records is not None and self.tenancy is not None
+        record = _record(stored)
+        if not await self.records.swap_keeper(stored.session_id, stored.keeper, self._replica_id):
+            return record  # another replica keeps it now
+        record.keeper = self._replica_id
+        await self.records.beat(self._replica_id, self.lease_s / 2)
+        try:
+            await self.tenancy.renew_session(record.tenant, record.session_id, lease_s=self.lease_s)
+        except SessionNotFound:  # its lease lapsed: the tenant's slot is free, the session over
+            await self._end_everywhere(record, release=False)
+            return record
+        local = self._sessions.get(record.session_id)  # one may have come in meanwhile
+        if local is not None:
+            local.adopted = False
+            return local
+        self._sessions[record.session_id] = record
+        self._start_background()
+        log.info("keeping session %s (%s): its replica is gone", record.session_id, record.tenant)
+        return record
 
     async def list(self, tenant: str) -> list[SessionRecord]:
         """The tenant's sessions (active and recently ended), oldest first."""
@@ -339,6 +381,13 @@ class SessionRegistry:
         if token and record.active:
             # A turn cut short by a disconnect emits no TurnDoneEvent to save it.
             await self.save_turn(record)
+        if (
+            record.adopted
+            and record.active
+            and self._sessions.get(record.session_id) is record
+            and await self._keeper_gone(record)
+        ):
+            record.adopted = False  # its keeper died while this stream ran: keep it here
         if record.adopted and self._sessions.get(record.session_id) is record:
             # Its own replica keeps it (and its lease); here it was only this stream's.
             del self._sessions[record.session_id]
@@ -350,6 +399,21 @@ class SessionRegistry:
             self._streams.pop(record.session_id, None)
             with contextlib.suppress(RedisError):
                 await self.records.release_stream(record.session_id, token)  # type: ignore[union-attr]
+
+    async def _keeper_gone(self, record: SessionRecord) -> bool:
+        """Whether this replica became the keeper of `record` because its keeper is gone."""
+        if self.records is None or self._closed:
+            return False
+        try:
+            stored = await self.records.get(record.tenant, record.session_id)
+            if stored is None or stored.ended_at or await self.records.keeper_alive(stored.keeper):
+                return False
+            return await self.records.swap_keeper(
+                record.session_id, stored.keeper, self._replica_id
+            )
+        except RedisError as exc:
+            log.warning("could not check the keeper of %s: %s", record.session_id, exc)
+            return False
 
     async def save_turn(self, record: SessionRecord) -> None:
         """Write a finished turn (count and history) where every replica sees it."""
@@ -369,6 +433,8 @@ class SessionRegistry:
         not only once this replica holds a session: a stopping replica offers its
         sessions to whoever listens."""
         if self.records is not None and not self._closed:
+            with tenancy_errors():
+                await self.records.beat(self._replica_id, self.lease_s / 2)
             self._start_background()
             for _ in range(100):  # subscribed within a round trip or two
                 if self._listening:
@@ -385,11 +451,10 @@ class SessionRegistry:
         adopted = [r for r in active if r.adopted]
         owned = [r for r in active if not r.adopted]
         handed = await asyncio.gather(*(self._offer(r) for r in owned))
-        for task in (self._renewer, self._listener):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self.records is not None:  # its sessions left now have no keeper here
+            with contextlib.suppress(RedisError):
+                await self.records.stop_beating(self._replica_id)
+        await self._stop_background()
         await asyncio.gather(
             *(self._drop_local(r) for r in adopted),
             *(self._drop_local(r) for r, given in zip(owned, handed, strict=True) if given),
@@ -402,43 +467,61 @@ class SessionRegistry:
                     await self.records.release_stream(session_id, token)
 
     async def _offer(self, record: SessionRecord) -> bool:
-        """Offer a session to the other replicas: whether any heard it (one takes it)."""
+        """Offer a session to the other replicas: whether one confirmed it took it over."""
         if self.records is None:
             return False
         if record.conversation is not None:
             await self.save_turn(record)  # the taker goes on from the last turn
+        offer_id = uuid.uuid4().hex
         try:
-            heard = await self.records.offer(record.tenant, record.session_id, self._replica_id)
+            heard = await self.records.offer(
+                record.tenant, record.session_id, self._replica_id, offer_id
+            )
+            if heard - (1 if self._listening else 0) <= 0:
+                return False  # nobody else listens: the last replica
+            for _ in range(round(HANDOVER_WAIT_S / 0.05)):
+                if await self.records.offer_taken(offer_id):
+                    return True
+                await asyncio.sleep(0.05)
         except RedisError as exc:
             log.warning("could not offer session %s: %s", record.session_id, exc)
-            return False
-        return heard - (1 if self._listening else 0) > 0
+        return False
 
     async def _take_over(self, message: object) -> None:
         """Keep a session a stopping replica offered, if this replica is the one to."""
         assert self.records is not None
         try:
             offer = json.loads(str(message))
-            tenant, session_id, sender = offer["tenant"], offer["session_id"], offer["from"]
+            tenant, session_id = str(offer["tenant"]), str(offer["session_id"])
+            sender, offer_id = str(offer["from"]), str(offer["offer"])
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed session hand-over: %.200r", message)
             return
         if sender == self._replica_id or self._closed:
             return
-        local = self._sessions.get(session_id)
-        if local is None and self._active_count() + self._admitting >= self.max_sessions:
-            return  # another replica may take it; if none does, its lease lapses
-        if not await self.records.take_over(session_id, self.lease_s):
-            return  # another replica took it
-        if local is not None:
-            local.adopted = False  # streaming here already: now it is this replica's
+        if not SESSION_ID_PATTERN.fullmatch(session_id):
             return
+        if session_id not in self._sessions and (
+            self._active_count() + self._admitting >= self.max_sessions
+        ):
+            return  # another replica may take it; if none does, it ends
+        if not await self.records.claim_offer(offer_id, self._replica_id, HANDOVER_WAIT_S * 5):
+            return  # another replica took it
         stored = await self.records.get(tenant, session_id)
         if stored is None or stored.ended_at or self._closed:
             return
-        record = _record(stored)
-        record.stored_turns = stored.turns
-        self._sessions[session_id] = record
+        if not await self.records.swap_keeper(session_id, stored.keeper, self._replica_id):
+            return
+        await self.records.beat(self._replica_id, self.lease_s / 2)
+        local = self._sessions.get(session_id)  # read after the awaits: it may have changed
+        if local is not None and local.tenant == tenant:
+            local.adopted = False  # streaming here already: now it is this replica's
+            local.keeper = self._replica_id
+        else:
+            record = _record(stored)
+            record.keeper = self._replica_id
+            self._sessions[session_id] = record
+        await self.records.confirm_offer(offer_id, self._replica_id, HANDOVER_WAIT_S * 5)
         log.info("took over session %s (%s) from a stopping replica", session_id, tenant)
 
     # -- internals ------------------------------------------------------------------------
@@ -568,16 +651,30 @@ class SessionRegistry:
         if self.records is not None and self._listener is None:
             self._listener = asyncio.create_task(self._listen_for_ends(self.records))
 
+    async def _stop_background(self) -> None:
+        """Stop renewing and listening: at once at their next wait, else cancelled."""
+        self._stopping.set()
+        for task in (self._renewer, self._listener):
+            if task is not None and not task.done():
+                done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_S)
+                if not done:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
     async def _listen_for_ends(self, records: SessionRecords) -> None:
         """End this replica's conversation of a session another replica ended; take over
         sessions a stopping replica offers."""
         channels = (records.ended_channel, records.handover_channel)
-        while True:
+        while not self._stopping.is_set():
             try:
                 async with records.redis.pubsub() as pubsub:
                     await pubsub.subscribe(*channels)
                     confirmed = 0
-                    async for message in pubsub.listen():
+                    while not self._stopping.is_set():
+                        message = await pubsub.get_message(timeout=LISTEN_POLL_S)
+                        if message is None:
+                            continue
                         kind = message.get("type")
                         if kind == "subscribe":
                             confirmed += 1
@@ -585,7 +682,10 @@ class SessionRegistry:
                         elif kind != "message":
                             continue
                         elif message.get("channel") == records.handover_channel:
-                            await self._take_over(message.get("data"))
+                            try:  # one failed take-over must not drop the messages after it
+                                await self._take_over(message.get("data"))
+                            except Exception:  # the offer is not confirmed: its sender ends it
+                                log.exception("taking over an offered session failed")
                         else:
                             record = self._sessions.get(str(message.get("data")))
                             if record is not None and record.active:
@@ -596,7 +696,13 @@ class SessionRegistry:
             except Exception as exc:  # Redis went away: listen again shortly
                 self._listening = False
                 log.warning("listening for ended sessions failed: %s; retrying", exc)
-                await asyncio.sleep(1.0)
+                await self._pause(1.0)
+        self._listening = False
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, or less once the registry is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _renew_leases(self, tenancy: TenancyStore) -> None:
         """Renew every active session's lease at a third of its length, for as long as it lives.
@@ -605,8 +711,14 @@ class SessionRegistry:
         slot may be someone else's by now) ends the session: the tenant's limit holds.
         """
         while True:
-            await asyncio.sleep(self.lease_s / 3)
+            await self._pause(self.lease_s / 3)
+            if self._stopping.is_set():
+                return
             if self.records is not None:
+                try:  # this replica is alive: its sessions have a keeper
+                    await self.records.beat(self._replica_id, self.lease_s / 2)
+                except RedisError as exc:
+                    log.warning("could not renew this replica's heartbeat: %s", exc)
                 for session_id, token in list(self._streams.items()):
                     try:
                         if not await self.records.renew_stream(session_id, token, self.lease_s):
@@ -645,6 +757,7 @@ def _stored(record: SessionRecord) -> StoredSession:
         voice=record.voice,
         created_at=record.created_at,
         ended_at=record.ended_at,
+        keeper=record.keeper,
     )
 
 
@@ -658,4 +771,5 @@ def _record(stored: StoredSession) -> SessionRecord:
         created_at=stored.created_at,
         ended_at=stored.ended_at,
         stored_turns=stored.turns,
+        keeper=stored.keeper,
     )

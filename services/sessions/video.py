@@ -137,6 +137,10 @@ class VideoStats:
         }
 
 
+class FrameFailed(Exception):
+    """The renderer could not draw a frame (its cause says why)."""
+
+
 def check_encoding(encoding: str) -> str:
     """`encoding` if a stream may ask for it (one of ENCODINGS or NO_VIDEO); InvalidInput if not."""
     if encoding not in (*ENCODINGS, NO_VIDEO):
@@ -163,7 +167,11 @@ def render_timed(
     """Render frame `index` on `executor` and note when it was ready (`trace.first_frame`)."""
 
     def render() -> None:
-        avatar.render_frame(index)
+        try:
+            avatar.render_frame(index)
+        except Exception as exc:  # the turn goes on without its first_frame milestone
+            log.warning("the frame of a reply's first audio failed to render: %r", exc)
+            return
         trace.first_frame = clock.now()
 
     return asyncio.get_running_loop().run_in_executor(executor, render)
@@ -327,8 +335,8 @@ class LiveVideo:
                 continue
             try:
                 ready, data = await loop.run_in_executor(self.executor, self._render, index, send)
-            except Exception as exc:  # the client keeps the frame before; the next may work
-                self._render_failed(exc)
+            except FrameFailed as exc:  # the client keeps the frame before; the next may work
+                self._render_failed(exc.__cause__ or exc)
                 ready, data = None, None
             else:
                 self.stats.rendered += 1
@@ -347,7 +355,7 @@ class LiveVideo:
                 )
             index += 1
 
-    def _render_failed(self, exc: Exception) -> None:
+    def _render_failed(self, exc: BaseException) -> None:
         self.stats.failed += 1
         metrics.RENDER_FRAMES_DROPPED.inc()
         if self.stats.failed in (1, 10) or self.stats.failed % 100 == 0:  # not every frame
@@ -356,8 +364,12 @@ class LiveVideo:
             )
 
     def _render(self, index: int, encode: bool) -> tuple[float, bytes | None]:
-        """On the render thread: frame `index`, and its encoding when it is to be sent."""
-        frame = self.avatar.render_frame(index)
+        """On the render thread: frame `index`, and its encoding when it is to be sent.
+        FrameFailed if the renderer failed (an encoder's failure ends the video)."""
+        try:
+            frame = self.avatar.render_frame(index)
+        except Exception as exc:
+            raise FrameFailed from exc
         ready = clock.now()
         if not encode:
             return ready, None

@@ -62,6 +62,8 @@ class TtsEngine:
     ):
         self.config = config or TtsConfig()
         self.backend = backend or make_backend(self.config)
+        # A stage replica behind the backend records its own metrics (not twice).
+        self._own_metrics = not getattr(self.backend, "remote", False)
         self.sample_rate = self.backend.sample_rate
         # Two: the next clause is synthesized while one plays. More for a remote backend.
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tts")
@@ -86,7 +88,8 @@ class TtsEngine:
         speech = await asyncio.get_running_loop().run_in_executor(
             self._executor, self.backend.synthesize, text
         )
-        metrics.STAGE_LATENCY.labels("tts", "clause").observe(clock.now() - started)
+        if self._own_metrics:
+            metrics.STAGE_LATENCY.labels("tts", "clause").observe(clock.now() - started)
         return speech
 
     async def stream(self, pieces: AsyncIterator[str]) -> AsyncIterator[Speech]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from parley.errors import InvalidInput
+from parley.errors import InvalidInput, ModelUnavailable
 from pydantic import BaseModel, Field
 
 from services.asr.config import AsrConfig
@@ -78,6 +78,7 @@ class ServeAsrBackend:
     """`AsrBackend` over the ASR deployment's `decode`."""
 
     name = "serve"
+    remote = True  # the stage replica records the stage metrics
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
@@ -118,6 +119,7 @@ class ServeLlmBackend:
     """`LlmBackend` over the LLM deployment's streaming `generate` and its `prefill`."""
 
     name = "serve"
+    remote = True  # the stage replica records the stage metrics
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
@@ -154,6 +156,7 @@ class ServeTtsBackend:
     """`TtsBackend` over the TTS deployment's `synthesize` (clauses are chunked locally)."""
 
     name = "serve"
+    remote = True  # the stage replica records the stage metrics
 
     def __init__(self, handle: Any, sample_rate: int) -> None:
         self._handle = handle
@@ -181,7 +184,12 @@ class ServeRenderBackend:
         return list(_result(self._handle.avatar_ids.remote()))
 
     def profile(self, avatar_id: str) -> AvatarProfile:
-        found = _result(self._handle.profile.remote(avatar_id))
+        from ray.exceptions import RayError
+
+        try:
+            found = _result(self._handle.profile.remote(avatar_id))
+        except (TimeoutError, RayError) as exc:  # the caller retries: UNAVAILABLE / 503
+            raise ModelUnavailable(f"the render app did not answer: {exc}") from exc
         if isinstance(found, str):  # the replica's message: unknown or bad id
             raise InvalidInput(found)
         assert isinstance(found, AvatarProfile)
