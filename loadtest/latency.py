@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import resource
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,18 @@ async def run_barge_ins(
     }
 
 
+def audio_video_u2u(results: Iterable[TurnResult]) -> list[float]:
+    """Per answered turn: end of speech to its first audio out together with the frame
+    shown with it (rendered), seconds."""
+    return [
+        max(a, f)
+        for r in results
+        if (a := r.latencies()["first_output"]) is not None
+        and (f := r.latencies()["first_frame"]) is not None
+        and a >= 0
+    ]
+
+
 def summarize(results: list[TurnResult]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for stage in STAGES:
@@ -159,14 +171,7 @@ def summarize(results: list[TurnResult]) -> dict[str, Any]:
     u2u = [r.u2u_s for r in results if r.u2u_s is not None and r.u2u_s >= 0]
     # A reply to part of an utterance (or one that began before it ended) cut the user off.
     cut_ins = [r.index for r in results if r.cut_ins or (r.u2u_s is not None and r.u2u_s < 0)]
-    # Audio and video: the first audio out together with its rendered frame.
-    u2u_av = [
-        max(a, f)
-        for r in results
-        if (a := r.latencies()["first_output"]) is not None
-        and (f := r.latencies()["first_frame"]) is not None
-        and a >= 0
-    ]
+    u2u_av = audio_video_u2u(results)
     refs = [normalize(r.reference) for r in results if normalize(r.reference)]
     hyps = [normalize(r.hypothesis) or "<empty>" for r in results if normalize(r.reference)]
     return {
@@ -525,15 +530,9 @@ async def run_against_target(
     local_u2u = [r.u2u_s for r in local if r.u2u_s is not None and r.u2u_s >= 0]
     remote_u2u = [t.u2u_s for t in remote if t.u2u_s is not None and t.u2u_s >= 0]
     remote_av = [t.u2u_audio_video_s for t in remote if t.u2u_audio_video_s is not None]
-    # In-process: the first audio out and its frame rendered (not encoded or sent: the
-    # remote side's figure includes both, so the comparison leans against it).
-    local_av = [
-        max(a, f)
-        for r in local
-        if (a := r.latencies()["first_output"]) is not None
-        and (f := r.latencies()["first_frame"]) is not None
-        and a >= 0
-    ]
+    # In-process frames are rendered, not encoded or sent: the remote side's figure
+    # includes both, so the comparison leans against it.
+    local_av = audio_video_u2u(local)
     pairs = [
         (t.u2u_s - r.u2u_s)
         for r, t in zip(local, remote, strict=True)

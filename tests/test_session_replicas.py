@@ -167,8 +167,9 @@ async def test_a_stopping_replica_hands_its_sessions_to_the_others(
         # A rolling update: b stops soon after it took the session; c, new, takes it.
         await c.start()
         await b.close()
+        assert record.session_id in c._sessions  # taken over, not found orphaned later
         on_c = await c.get("acme", record.session_id)
-        assert on_c.active and on_c.keeper == (await d.get("acme", record.session_id)).keeper
+        assert on_c.active and (await d.get("acme", record.session_id)).keeper == c._replica_id
         async with c.stream(on_c) as conversation:
             assert conversation.turn == 1
         # The last replica stops: nobody is left to keep the session, so it ends for
@@ -194,36 +195,44 @@ async def test_sessions_of_a_replica_that_died_are_kept_by_the_next_one_to_read_
     redis_server: RedisServer,  # noqa: F811
 ) -> None:
     prefix = f"test-replicas-{next(_prefixes)}:"
-    stores = [TenancyStore.from_url(redis_server.url, prefix=prefix) for _ in range(2)]
-    a, b = (SessionRegistry(engines, store, lease_s=3.0) for store in stores)
+    stores = [TenancyStore.from_url(redis_server.url, prefix=prefix) for _ in range(3)]
+    a, b, c = (SessionRegistry(engines, store, lease_s=3.0) for store in stores)
     try:
         await b.start()
+        # a streams one of its sessions; b streams another of a's (adopted for it).
         kept = await a.create("acme")
-        await kill(a)  # killed while a stream was open, say: its sessions have no keeper
+        cut = a.stream(kept)
+        await cut.__aenter__()  # never left: a dies with the stream open
+        moved = await a.create("acme")
+        on_b_stream = b.stream(await b.get("acme", moved.session_id))
+        await on_b_stream.__aenter__()
+        await kill(a)  # killed (Serve's graceful timeout, a crash): nothing handed over
         # Its heartbeat (half a lease) lapses before the sessions' leases do.
         await asyncio.sleep(1.6)
+        # The client of `kept` reconnects to b at once: b keeps the session, and takes
+        # the stream claim the dead replica left (not waiting a whole lease for it).
         on_b = await b.get("acme", kept.session_id)
-        assert on_b.active
-        await asyncio.sleep(3.5)  # b renews its lease now
-        assert (await b.get("acme", kept.session_id)).active
-        assert await stores[1].active_sessions("acme") == [kept.session_id]
+        assert on_b.active and kept.session_id in b._sessions
         async with b.stream(on_b) as conversation:
             assert conversation.turn == 0
-        assert (await b.get("acme", kept.session_id)).active  # kept after the stream too
+        # b's adopted stream of `moved` ends after a died: b keeps that session too.
+        await on_b_stream.__aexit__(None, None, None)
+        assert moved.session_id in b._sessions and not b._sessions[moved.session_id].adopted
+        await asyncio.sleep(3.5)  # b renews both leases now
+        for session in (kept, moved):
+            assert (await b.get("acme", session.session_id)).active
+        assert sorted(await stores[1].active_sessions("acme")) == sorted(
+            [kept.session_id, moved.session_id]
+        )
 
         # A session nobody read until its lease lapsed is over, and its slot free.
-        c = SessionRegistry(
-            engines, TenancyStore.from_url(redis_server.url, prefix=prefix), lease_s=3.0
-        )
         lost = await c.create("acme")
         await kill(c)
         await asyncio.sleep(3.5)
         assert not (await b.get("acme", lost.session_id)).active
-        assert await stores[1].active_sessions("acme") == [kept.session_id]
-        assert c.tenancy is not None
-        await c.tenancy.aclose()
+        assert lost.session_id not in await stores[1].active_sessions("acme")
     finally:
-        for registry in (a, b):
+        for registry in (a, b, c):
             await registry.close()
         for store in stores:
             await store.aclose()

@@ -65,14 +65,14 @@ class LlmDeployment:
         """This replica's validated config (callers build matching local state from it)."""
         return self.engine.config.model_dump(mode="json", exclude={"api_key"})
 
+    async def __del__(self) -> None:
+        await close_keys(self)
+
 
 def _messages(messages: object) -> list[ChatMessage]:
     if not isinstance(messages, list) or not all(isinstance(m, ChatMessage) for m in messages):
         raise InvalidInput("messages must be a list of ChatMessage")
     return messages
-
-    async def __del__(self) -> None:
-        await close_keys(self)
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -82,7 +82,14 @@ class SessionsDeployment:
         self.registry = SessionRegistry(
             self.engines, tenancy, max_sessions=config.max_sessions, lease_s=config.lease_s
         )
-        await self.registry.start()  # hears hand-overs from replicas that stop
+        try:
+            await self.registry.start()  # hears hand-overs from replicas that stop
+        except BaseException:
+            await self.registry.close()
+            await self.engines.close()
+            if tenancy is not None:
+                await tenancy.aclose()
+            raise
         self.servicer = SessionsServicer(self.registry)
         # Standard gRPC health checking and reflection, on Serve's gRPC port with the
         # metadata `application: sessions` (e.g. `grpcurl -H application:sessions`).

@@ -71,6 +71,13 @@ redis.call('HSET', KEYS[1], 'turns', ARGV[1], 'history', ARGV[2])
 return 1
 """
 
+_STEAL = """
+-- KEYS: stream key; ARGV: the holder's value seen, the new value, ttl_ms. 1 if taken.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
 _SWAP_KEEPER = """
 -- KEYS: session hash; ARGV: the keeper expected now, the new keeper. 1 if swapped.
 if redis.call('HEXISTS', KEYS[1], 'tenant') == 0 then return 0 end
@@ -124,6 +131,7 @@ class SessionRecords:
         self._renew = redis.register_script(_RENEW)
         self._save = redis.register_script(_SAVE)
         self._swap_keeper = redis.register_script(_SWAP_KEEPER)
+        self._steal = redis.register_script(_STEAL)
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}"
@@ -210,6 +218,18 @@ class SessionRecords:
 
     async def keeper_alive(self, keeper: str) -> bool:
         return bool(keeper) and bool(await self.redis.exists(self._heartbeat(keeper)))
+
+    async def keeper_of(self, session_id: str) -> str:
+        return str(await self.redis.hget(self._key(session_id), "keeper") or "")
+
+    async def stream_holder(self, session_id: str) -> str:
+        """The value of the session's stream claim ("" if none)."""
+        return str(await self.redis.get(self._stream(session_id)) or "")
+
+    async def steal_stream(self, session_id: str, seen: str, token: str, ttl_s: float) -> bool:
+        """Take the stream claim `seen` (its replica is gone) for `token`."""
+        keys = [self._stream(session_id)]
+        return bool(await self._steal(keys=keys, args=[seen, token, int(ttl_s * 1000)]))
 
     async def swap_keeper(self, session_id: str, expected: str, keeper: str) -> bool:
         """Make `keeper` the session's keeper if `expected` still is (compare and set)."""

@@ -171,6 +171,7 @@ class SessionRegistry:
         self._admitting = 0  # creations between the capacity check and the record
         self._renewer: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._beater: asyncio.Task[None] | None = None
         #: Set to stop both: they end at their next wait rather than being cancelled
         #: (cancelling a redis-py pub/sub read could leave its connection's lock held).
         self._stopping = asyncio.Event()
@@ -183,7 +184,7 @@ class SessionRegistry:
         self._finishing: set[str] = set()
         #: Whether this replica's listener is subscribed (it hears its own offers too).
         self._listening = False
-        #: Its heartbeat in Redis lasts half a lease (renewed every third): a replica that
+        #: Its heartbeat in Redis lasts half a lease (renewed every sixth): a replica that
         #: dies is seen gone while its sessions' leases still hold, so others keep them.
         self._replica_id = uuid.uuid4().hex
 
@@ -283,7 +284,9 @@ class SessionRegistry:
             return local
         if not stored.ended_at and not self._closed:
             with tenancy_errors():
-                if not await self.records.keeper_alive(stored.keeper):
+                if stored.keeper == self._replica_id or not await self.records.keeper_alive(
+                    stored.keeper
+                ):
                     return await self._keep_orphan(stored)
         return _record(stored)
 
@@ -291,23 +294,35 @@ class SessionRegistry:
         """Keep a session whose keeper died (killed with streams open, or lost): renew its
         lease here, or end it if the lease has lapsed meanwhile."""
         assert self.records is not None and self.tenancy is not None
-        record = _record(stored)
-        if not await self.records.swap_keeper(stored.session_id, stored.keeper, self._replica_id):
-            return record  # another replica keeps it now
-        record.keeper = self._replica_id
-        await self.records.beat(self._replica_id, self.lease_s / 2)
+        if stored.keeper != self._replica_id and not await self.records.swap_keeper(
+            stored.session_id, stored.keeper, self._replica_id
+        ):
+            return _record(stored)  # another replica keeps it now
+        if self._closed:
+            await self.records.swap_keeper(stored.session_id, self._replica_id, stored.keeper)
+            return _record(stored)
+        record = self._hold(stored)  # no await since the swap
         try:
             await self.tenancy.renew_session(record.tenant, record.session_id, lease_s=self.lease_s)
         except SessionNotFound:  # its lease lapsed: the tenant's slot is free, the session over
             await self._end_everywhere(record, release=False)
-            return record
-        local = self._sessions.get(record.session_id)  # one may have come in meanwhile
-        if local is not None:
-            local.adopted = False
+        else:
+            log.info(
+                "keeping session %s (%s): its replica is gone", record.session_id, record.tenant
+            )
+        return record
+
+    def _hold(self, stored: StoredSession) -> SessionRecord:
+        """Make this replica the holder of a session it has just become the keeper of."""
+        local = self._sessions.get(stored.session_id)
+        if local is not None and local.tenant == stored.tenant:
+            local.adopted = False  # streaming here already: now it is this replica's
+            local.keeper = self._replica_id
             return local
-        self._sessions[record.session_id] = record
+        record = _record(stored)
+        record.keeper = self._replica_id
+        self._sessions[stored.session_id] = record
         self._start_background()
-        log.info("keeping session %s (%s): its replica is gone", record.session_id, record.tenant)
         return record
 
     async def list(self, tenant: str) -> list[SessionRecord]:
@@ -445,7 +460,8 @@ class SessionRegistry:
         """Hand this replica's sessions to the other replicas (each keeps one's lease and
         takes its next stream), or end them if no other is left, and free their slots;
         the registry admits no more."""
-        self._closed = True
+        self._closed = True  # no take-over registers a session here from now on
+        await self._stop_background()  # (its listener does not count among those offered to)
         active = [r for r in self._sessions.values() if r.active]
         # Sessions adopted for a stream belong to their own replica, which goes on.
         adopted = [r for r in active if r.adopted]
@@ -454,7 +470,6 @@ class SessionRegistry:
         if self.records is not None:  # its sessions left now have no keeper here
             with contextlib.suppress(RedisError):
                 await self.records.stop_beating(self._replica_id)
-        await self._stop_background()
         await asyncio.gather(
             *(self._drop_local(r) for r in adopted),
             *(self._drop_local(r) for r, given in zip(owned, handed, strict=True) if given),
@@ -474,10 +489,13 @@ class SessionRegistry:
             await self.save_turn(record)  # the taker goes on from the last turn
         offer_id = uuid.uuid4().hex
         try:
+            keeper = await self.records.keeper_of(record.session_id)
+            if keeper and keeper != self._replica_id:
+                return True  # another replica keeps it by now: only forget it here
             heard = await self.records.offer(
                 record.tenant, record.session_id, self._replica_id, offer_id
             )
-            if heard - (1 if self._listening else 0) <= 0:
+            if heard <= 0:
                 return False  # nobody else listens: the last replica
             for _ in range(round(HANDOVER_WAIT_S / 0.05)):
                 if await self.records.offer_taken(offer_id):
@@ -510,17 +528,15 @@ class SessionRegistry:
         stored = await self.records.get(tenant, session_id)
         if stored is None or stored.ended_at or self._closed:
             return
-        if not await self.records.swap_keeper(session_id, stored.keeper, self._replica_id):
+        if stored.keeper != sender:  # another keeps it already: the sender only forgets it
+            await self.records.confirm_offer(offer_id, self._replica_id, HANDOVER_WAIT_S * 5)
             return
-        await self.records.beat(self._replica_id, self.lease_s / 2)
-        local = self._sessions.get(session_id)  # read after the awaits: it may have changed
-        if local is not None and local.tenant == tenant:
-            local.adopted = False  # streaming here already: now it is this replica's
-            local.keeper = self._replica_id
-        else:
-            record = _record(stored)
-            record.keeper = self._replica_id
-            self._sessions[session_id] = record
+        if not await self.records.swap_keeper(session_id, sender, self._replica_id):
+            return
+        if self._closed:  # closed meanwhile: give it back (its sender ends it unconfirmed)
+            await self.records.swap_keeper(session_id, self._replica_id, sender)
+            return
+        self._hold(stored)  # no await since the swap: Redis and this replica agree
         await self.records.confirm_offer(offer_id, self._replica_id, HANDOVER_WAIT_S * 5)
         log.info("took over session %s (%s) from a stopping replica", session_id, tenant)
 
@@ -582,9 +598,23 @@ class SessionRegistry:
     async def _claim(self, record: SessionRecord) -> str:
         """Claim the session's stream in Redis (one stream across every replica)."""
         assert self.records is not None and self.tenancy is not None
-        token = uuid.uuid4().hex
+        # The claim names this replica: a claim left by a replica that died (its stream
+        # cut with it) is taken over rather than waited out for a whole lease.
+        token = f"{self._replica_id}:{uuid.uuid4().hex}"
         with tenancy_errors():
             claimed = await self.records.claim_stream(record.session_id, token, self.lease_s)
+            if claimed == 0:
+                holder = await self.records.stream_holder(record.session_id)
+                replica = holder.partition(":")[0]
+                if (
+                    holder
+                    and replica != self._replica_id
+                    and not await self.records.keeper_alive(replica)
+                    and await self.records.steal_stream(
+                        record.session_id, holder, token, self.lease_s
+                    )
+                ):
+                    claimed = 1
         if claimed < 0:
             raise SessionEnded(f"session {record.session_id!r} has ended")
         if claimed == 0:
@@ -650,11 +680,13 @@ class SessionRegistry:
             self._renewer = asyncio.create_task(self._renew_leases(self.tenancy))
         if self.records is not None and self._listener is None:
             self._listener = asyncio.create_task(self._listen_for_ends(self.records))
+        if self.records is not None and self._beater is None:
+            self._beater = asyncio.create_task(self._beat(self.records))
 
     async def _stop_background(self) -> None:
         """Stop renewing and listening: at once at their next wait, else cancelled."""
         self._stopping.set()
-        for task in (self._renewer, self._listener):
+        for task in (self._renewer, self._listener, self._beater):
             if task is not None and not task.done():
                 done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_S)
                 if not done:
@@ -699,6 +731,34 @@ class SessionRegistry:
                 await self._pause(1.0)
         self._listening = False
 
+    async def _kept_elsewhere(self, record: SessionRecord) -> bool:
+        """Whether another replica keeps a session this one thought its own (it took it
+        while this replica's heartbeat lapsed): then only the stream here holds it."""
+        if self.records is None:
+            return False
+        try:
+            keeper = await self.records.keeper_of(record.session_id)
+        except RedisError:
+            return False
+        if not keeper or keeper == self._replica_id:
+            return False
+        log.warning("session %s is kept by another replica now", record.session_id)
+        if record.streaming:
+            record.adopted = True  # dropped here when its stream ends
+        else:
+            await self._drop_local(record)
+        return True
+
+    async def _beat(self, records: SessionRecords) -> None:
+        """This replica's heartbeat: half a lease long, renewed every sixth, so a missed
+        beat or two does not make a live replica look gone."""
+        while not self._stopping.is_set():
+            try:
+                await records.beat(self._replica_id, self.lease_s / 2)
+            except RedisError as exc:
+                log.warning("could not renew this replica's heartbeat: %s", exc)
+            await self._pause(self.lease_s / 6)
+
     async def _pause(self, seconds: float) -> None:
         """Sleep, or less once the registry is stopping."""
         with contextlib.suppress(TimeoutError):
@@ -715,10 +775,6 @@ class SessionRegistry:
             if self._stopping.is_set():
                 return
             if self.records is not None:
-                try:  # this replica is alive: its sessions have a keeper
-                    await self.records.beat(self._replica_id, self.lease_s / 2)
-                except RedisError as exc:
-                    log.warning("could not renew this replica's heartbeat: %s", exc)
                 for session_id, token in list(self._streams.items()):
                     try:
                         if not await self.records.renew_stream(session_id, token, self.lease_s):
@@ -730,6 +786,8 @@ class SessionRegistry:
                     except RedisError as exc:
                         log.warning("could not renew the stream of %s: %s", session_id, exc)
             for record in [r for r in self._sessions.values() if r.active]:
+                if not record.adopted and await self._kept_elsewhere(record):
+                    continue
                 try:
                     await tenancy.renew_session(
                         record.tenant, record.session_id, lease_s=self.lease_s
