@@ -462,6 +462,9 @@ class SessionRegistry:
         the registry admits no more."""
         self._closed = True  # no take-over registers a session here from now on
         await self._stop_background()  # (its listener does not count among those offered to)
+        if self.records is not None:  # alive through the offers, however long stopping took
+            with contextlib.suppress(RedisError):
+                await self.records.beat(self._replica_id, self.lease_s / 2 + HANDOVER_WAIT_S)
         active = [r for r in self._sessions.values() if r.active]
         # Sessions adopted for a stream belong to their own replica, which goes on.
         adopted = [r for r in active if r.adopted]
@@ -532,6 +535,9 @@ class SessionRegistry:
             await self.records.confirm_offer(offer_id, self._replica_id, HANDOVER_WAIT_S * 5)
             return
         if not await self.records.swap_keeper(session_id, sender, self._replica_id):
+            if await self.records.keeper_of(session_id) not in ("", sender):
+                # Another replica keeps it by now: the sender must only forget it.
+                await self.records.confirm_offer(offer_id, self._replica_id, HANDOVER_WAIT_S * 5)
             return
         if self._closed:  # closed meanwhile: give it back (its sender ends it unconfirmed)
             await self.records.swap_keeper(session_id, self._replica_id, sender)
@@ -605,9 +611,9 @@ class SessionRegistry:
             claimed = await self.records.claim_stream(record.session_id, token, self.lease_s)
             if claimed == 0:
                 holder = await self.records.stream_holder(record.session_id)
-                replica = holder.partition(":")[0]
+                replica, named, _ = holder.partition(":")
                 if (
-                    holder
+                    named  # a claim of this release names its replica
                     and replica != self._replica_id
                     and not await self.records.keeper_alive(replica)
                     and await self.records.steal_stream(
