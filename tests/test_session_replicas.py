@@ -229,6 +229,9 @@ async def test_sessions_of_a_replica_that_died_are_kept_by_the_next_one_to_read_
         lost = await c.create("acme")
         await kill(c)
         await asyncio.sleep(3.5)
+        # Listing shows it ended (and ends it), as reading it would.
+        listed = {r.session_id: r.active for r in await b.list("acme")}
+        assert listed[lost.session_id] is False and listed[kept.session_id] is True
         assert not (await b.get("acme", lost.session_id)).active
         assert lost.session_id not in await stores[1].active_sessions("acme")
     finally:

@@ -14,6 +14,7 @@ process's `max_sessions` applies; the servers then treat every caller as `LOCAL_
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -331,6 +332,7 @@ class SessionRegistry:
             return [r for r in self._sessions.values() if r.tenant == tenant]
         with tenancy_errors():
             stored = await self.records.of_tenant(tenant)
+            stored = await self._end_lapsed_orphans(tenant, stored)
         out = []
         for s in stored:
             local = self._sessions.get(s.session_id)
@@ -340,6 +342,27 @@ class SessionRegistry:
             else:
                 out.append(_record(s))
         return out
+
+    async def _end_lapsed_orphans(
+        self, tenant: str, stored: builtins.list[StoredSession]
+    ) -> builtins.list[StoredSession]:
+        """End (and show ended) the listed sessions whose keeper is gone and whose lease
+        has lapsed: nobody read them in time to keep them."""
+        assert self.records is not None and self.tenancy is not None
+        here = set(self._sessions)
+        candidates = [s for s in stored if not s.ended_at and s.session_id not in here and s.keeper]
+        keepers = {s.keeper for s in candidates}
+        alive = {k for k in keepers if await self.records.keeper_alive(k)}
+        orphans = [s for s in candidates if s.keeper not in alive]
+        if not orphans:
+            return stored
+        leased = set(await self.tenancy.active_sessions(tenant))
+        now = time.time()
+        for s in orphans:
+            if s.session_id not in leased:
+                await self.records.end(tenant, s.session_id, now)
+                s.ended_at = now
+        return stored
 
     async def end(self, tenant: str, session_id: str) -> SessionRecord:
         """End the tenant's session (ending an ended session is a no-op), on every replica."""
