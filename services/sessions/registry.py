@@ -419,39 +419,30 @@ class SessionRegistry:
         if token and record.active:
             # A turn cut short by a disconnect emits no TurnDoneEvent to save it.
             await self.save_turn(record)
-        if (
-            record.adopted
-            and record.active
-            and self._sessions.get(record.session_id) is record
-            and await self._keeper_gone(record)
-        ):
-            record.adopted = False  # its keeper died while this stream ran: keep it here
+        if record.adopted and record.active and self._sessions.get(record.session_id) is record:
+            await self._keep_if_orphaned(record)  # its keeper may have died meanwhile
         if record.adopted and self._sessions.get(record.session_id) is record:
             # Its own replica keeps it (and its lease); here it was only this stream's.
-            del self._sessions[record.session_id]
-            if record.conversation is not None:
-                with contextlib.suppress(Exception):
-                    await record.conversation.close()
-                record.conversation = None
+            await self._drop_local(record)
         if token:
             self._streams.pop(record.session_id, None)
             with contextlib.suppress(RedisError):
                 await self.records.release_stream(record.session_id, token)  # type: ignore[union-attr]
 
-    async def _keeper_gone(self, record: SessionRecord) -> bool:
-        """Whether this replica became the keeper of `record` because its keeper is gone."""
+    async def _keep_if_orphaned(self, record: SessionRecord) -> None:
+        """Keep a session here (`_keep_orphan`) if its keeper is gone."""
         if self.records is None or self._closed:
-            return False
+            return
         try:
             stored = await self.records.get(record.tenant, record.session_id)
-            if stored is None or stored.ended_at or await self.records.keeper_alive(stored.keeper):
-                return False
-            return await self.records.swap_keeper(
-                record.session_id, stored.keeper, self._replica_id
-            )
+            if (
+                stored
+                and not stored.ended_at
+                and not await self.records.keeper_alive(stored.keeper)
+            ):
+                await self._keep_orphan(stored)
         except RedisError as exc:
             log.warning("could not check the keeper of %s: %s", record.session_id, exc)
-            return False
 
     async def save_turn(self, record: SessionRecord) -> None:
         """Write a finished turn (count and history) where every replica sees it."""
