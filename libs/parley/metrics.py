@@ -14,7 +14,7 @@ Latency histograms use buckets fine enough to see the sub-second budget.
 from __future__ import annotations
 
 import threading
-from typing import Any, ClassVar
+from typing import Any
 
 import prometheus_client
 
@@ -33,8 +33,6 @@ _exporting = False
 
 class Metric:
     """One metric, recorded in prometheus_client and, once exported, in Ray."""
-
-    kind: ClassVar[str]
 
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
         self.name = name
@@ -61,8 +59,6 @@ class Metric:
 
 
 class Counter(Metric):
-    kind = "counter"
-
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
         if not name.endswith("_total"):
             raise ValueError("counter names end in _total")
@@ -90,8 +86,6 @@ class Counter(Metric):
 
 
 class Histogram(Metric):
-    kind = "histogram"
-
     def __init__(
         self,
         name: str,
