@@ -271,8 +271,12 @@ async def run(
             else:
                 results, recording = [], None
                 for i, utt in enumerate(utterances):
-                    (r,), _ = await replay(conv, [utt])
-                    (q,), _ = await replay(plain, [utt])
+                    if i % 2:  # who goes first alternates: neither side always finds
+                        (q,), _ = await replay(plain, [utt])  # the other's state
+                        (r,), _ = await replay(conv, [utt])
+                    else:
+                        (r,), _ = await replay(conv, [utt])
+                        (q,), _ = await replay(plain, [utt])
                     r.index = q.index = i
                     results.append(r)
                     plain_results.append(q)
@@ -295,6 +299,13 @@ async def run(
         }
         if summary["u2u_p50_s"] and without["u2u_p50_s"]:
             summary["speculation"]["u2u_p50_saved_s"] = without["u2u_p50_s"] - summary["u2u_p50_s"]
+        saved = [
+            q.u2u_s - r.u2u_s
+            for r, q in zip(results, plain_results, strict=True)
+            if r.u2u_s is not None and q.u2u_s is not None
+        ]
+        if saved:  # the same words, said to both: the per-turn difference is less noisy
+            summary["speculation"]["u2u_saved_paired_median_s"] = float(np.median(saved))
     if barge_in is not None:
         summary["barge_in"] = {
             k: v for k, v in barge_in.items() if k not in ("per_trial", "backchannel")

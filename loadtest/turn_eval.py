@@ -400,6 +400,12 @@ class SimulatedAsr:
         self._events = [e for e in out if e.at_s > end]
         return [e for e in out if e.at_s <= end]
 
+    @property
+    def words_pending(self) -> bool:
+        """As `AsrStream.words_pending`: speech not yet covered by a finished decode."""
+        utt = self._utt
+        return utt is not None and utt.decoded_upto < self._speech_end(utt)
+
     def finalize(self) -> None:
         """The turn ended: the current utterance is done (its final goes to the reply)."""
         self._detach(self._now(), emit_final=False)
@@ -442,6 +448,7 @@ class ParleyUnderTest:
                 self.speculation.observe(ev)
             self.detector.update_transcript(text, audio_end_s=tr.audio_end_s, at_s=tr.at_s)
         decisions = []
+        self.detector.asr_pending = self.asr.words_pending
         for ev in self.detector.push_events(frame):
             self.speculation.observe(ev)
             if ev.kind is EventKind.END_OF_TURN:

@@ -108,6 +108,26 @@ async def test_asr_streams_partials_and_a_fast_final(
     assert len(partials) >= 2
 
 
+async def test_finalize_waits_for_the_final_the_endpointer_started(
+    asr_engine: AsrEngine, tts_engine: TtsEngine
+) -> None:
+    """On a busy box the end of turn can come after the ASR's own endpoint (0.8 s of
+    silence) ended the utterance but before its final decode is out: finalize() must
+    return those words, not "nothing was said"."""
+    text = "What is the capital of France?"
+    audio = np.concatenate([await say(tts_engine, text), np.zeros(SR, np.float32)])
+    stream = asr_engine.stream()
+    stream.push(np.zeros(SR // 4, np.float32))
+    stream.push(audio)  # at once: the endpointer ends the utterance within this call
+    assert not stream.in_utterance and stream.words_pending
+    final = await stream.finalize()
+    assert final is not None and final.is_final
+    wer = word_error_rate(text, final.text)
+    assert wer is not None and wer <= 0.2, final.text
+    assert not stream.words_pending
+    assert await stream.finalize() is None  # the next turn does not get them again
+
+
 async def test_asr_ignores_silence_and_noise(asr_engine: AsrEngine) -> None:
     stream = asr_engine.stream()
     await feed(stream.push, np.zeros(SR * 2, np.float32))

@@ -156,6 +156,30 @@ async def test_prefill_reads_the_history_while_the_user_talks(llm_engine: LlmEng
     assert await llm_engine.prefill([persona, *history]) == tokens
 
 
+async def test_prefill_reply_reads_the_whole_prompt_for_a_speculative_reply(
+    llm_engine: LlmEngine,
+) -> None:
+    """Speculation reads the user's words too: the reply then reads no prompt at all,
+    and says what it would have said without the read-ahead."""
+    persona = ChatMessage("system", "You are Mo, a train conductor. Answer briefly.")
+    turn = [persona, ChatMessage("user", "When does the last train to the coast leave?")]
+    plain, _ = await collect(llm_engine, turn)
+    await collect(llm_engine, [PERSONA, ChatMessage("user", "Hi there.")])  # another session
+    tokens = await llm_engine.prefill_reply(turn)
+    text, stats = await collect(llm_engine, turn)
+    assert stats.prompt_tokens == tokens > 20
+    assert stats.cached_tokens == stats.prompt_tokens
+    assert text == plain
+    # The turn ended on other words: the reply reads only what differs.
+    await llm_engine.prefill_reply([persona, ChatMessage("user", "When does the last bus")])
+    _, stats = await collect(
+        llm_engine, [persona, ChatMessage("user", "When does the last bus leave town?")]
+    )
+    assert stats.prompt_tokens - stats.cached_tokens < 10
+    with pytest.raises(InvalidInput, match="user's words"):
+        await llm_engine.prefill_reply([persona])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

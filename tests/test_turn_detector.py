@@ -198,6 +198,28 @@ def test_silence_and_noise_never_make_a_turn(
         assert not ends(events), events
 
 
+def test_late_words_are_waited_for_not_dropped_as_noise(
+    vad: SileroVadModel, semantic: SemanticTurnModel
+) -> None:
+    """No transcript by `transcript_wait_s` means noise only if the ASR owes no words."""
+    cfg = ParleyTurnConfig()
+    speech = speak("What is the capital of France?")
+    audio = np.concatenate([silence(0.3), speech, silence(cfg.transcript_wait_s + 0.6)])
+    for pending in (False, True):
+        det = detector(vad, semantic, None)
+        det.asr_pending = pending
+        events = [ev for i in range(0, len(audio), FRAME)
+                  for ev in det.push_events(audio[i : i + FRAME])]  # fmt: skip
+        kinds = [e.kind for e in events]
+        assert EventKind.END_OF_TURN not in kinds
+        assert (EventKind.NOT_SPEECH in kinds) is not pending, kinds
+    # The words come late: the turn the detector kept ends on them.
+    det.update_transcript("What is the capital of France?")
+    det.asr_pending = False
+    (end,) = ends(det.push_events(silence(0.02)))
+    assert end.text == "What is the capital of France?" and end.reason == "confident"
+
+
 def test_never_ending_talker_is_capped_and_recovers(
     vad: SileroVadModel, semantic: SemanticTurnModel, smart_turn: SmartTurnModel
 ) -> None:

@@ -249,9 +249,14 @@ class AsrStream:
     async def finalize(self) -> Transcript | None:
         """End the current utterance now; its final transcript (None if there was none).
 
-        Reuses the decode made when the speech stopped if no speech came after it.
+        Reuses the decode made when the speech stopped if no speech came after it. If
+        the endpointer already ended the utterance and its final decode is still running
+        (a busy box), that final is the answer.
         """
-        return await self._complete(self._detach())
+        utt, pending = self._detach(), self._pending_final
+        if utt is None and pending is not None and not pending.done():
+            return await asyncio.shield(pending)
+        return await self._complete(utt)
 
     def discard(self) -> None:
         """Forget the current utterance (a backchannel, a cough): no final will follow."""
@@ -274,3 +279,13 @@ class AsrStream:
     @property
     def in_utterance(self) -> bool:
         return self._utterance is not None
+
+    @property
+    def words_pending(self) -> bool:
+        """Speech of the current utterance is not yet covered by a finished decode (its
+        words may still come: a busy box can take a second)."""
+        final = self._pending_final
+        if final is not None and not final.done():
+            return True  # ended at its silence, its final decode still running
+        utt = self._utterance
+        return utt is not None and utt.decoded_upto < self._speech_end(utt)

@@ -61,6 +61,10 @@ class LlmDeployment:
         """Read a conversation's prompt ahead into this replica's prefix cache."""
         return await self.engine.prefill(_messages(messages))
 
+    async def prefill_reply(self, messages: object) -> int:
+        """Read a whole prompt ahead (speculation) into this replica's live state."""
+        return await self.engine.prefill_reply(_messages(messages))
+
     async def config(self) -> dict[str, Any]:
         """This replica's validated config (callers build matching local state from it)."""
         return self.engine.config.model_dump(mode="json", exclude={"api_key"})

@@ -126,6 +126,26 @@ class LlmEngine:
             metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
         return tokens
 
+    async def prefill_reply(self, messages: list[ChatMessage]) -> int:
+        """Read a whole prompt, the user's words included, so that a reply to exactly
+        these messages starts at once (speculation: the words of a pause, before the end
+        of turn is certain). Returns its length in tokens, 0 where the backend cannot.
+
+        Free if the turn then ends on other words: the next prompt shares its start.
+        """
+        if not messages or messages[0].role != "system" or messages[-1].role != "user":
+            raise InvalidInput("prefill_reply takes a conversation from its system message"
+                               " to the user's words")  # fmt: skip
+        validate_messages(messages, self.config.max_prompt_chars)
+        prefill = getattr(self.backend, "prefill_reply", None)
+        if prefill is None:
+            return 0
+        started = clock.now()
+        tokens: int = await prefill(messages)
+        if self._own_metrics:
+            metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
+        return tokens
+
     async def generate(
         self,
         messages: list[ChatMessage],

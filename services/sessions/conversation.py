@@ -161,11 +161,13 @@ class SpeculationStats:
 
 @dataclass(slots=True)
 class _Speculation:
-    """A reply to a pause's words. It generates as soon as the detector says it will
-    wait for more silence (then it is ready when the wait ends), or when the turn
-    ends on those words. Started any earlier, it only slowed the models deciding the
-    turn (2 cores; measured: +50-120 ms u2u p50, docs/benchmarks.md); reading its
-    prompt ahead cost more (a llama.cpp state snapshot) than it saved."""
+    """A reply to a pause's words. Its prompt, the words included, is read at once
+    (`prefill`, one thread, while the turn models score the words), so a reply to
+    the same words starts with its first token. It generates as soon as the
+    detector says it will wait for more silence (then it is ready when the wait
+    ends), or when the turn ends on those words. Generating any earlier only slowed
+    the models deciding the turn (2 cores; measured: +50-120 ms u2u p50,
+    docs/benchmarks.md)."""
 
     text: str  # the words it answers
     trace: TurnTrace  # milestones while held back; adopted by the turn on a hit
@@ -174,6 +176,7 @@ class _Speculation:
     generate: asyncio.Event  # may generate
     started_at: float
     task: asyncio.Task[None] | None = None
+    prefill: asyncio.Task[int] | None = None
 
 
 class Conversation:
@@ -322,6 +325,7 @@ class Conversation:
             for ev in await self.turn_stream.speculate(transcript, audio_end_s=end):
                 self._on_turn_event(ev, clock.now())
             await self.turn_stream.update_transcript(transcript, audio_end_s=end)
+        self.turn_stream.detector.asr_pending = self.asr.words_pending
         for ev in await self.turn_stream.push(samples):
             self._on_turn_event(ev, now - (self.position / SAMPLE_RATE - ev.at_s))
         self._generate_if_waiting()
@@ -408,6 +412,8 @@ class Conversation:
         self.speculation.started += 1
         metrics.SPECULATIONS.labels("started").inc()
         messages = [self.persona, *self.history, ChatMessage("user", user_text)]
+        spec.prefill = asyncio.create_task(self.engines.llm.prefill_reply(messages))
+        spec.prefill.add_done_callback(_log_prefill_failure)
         spec.task = asyncio.create_task(self._speak_when_released(spec, messages))
         self._spec = spec
 
@@ -431,6 +437,8 @@ class Conversation:
     def _count_miss(self, spec: _Speculation) -> None:
         assert spec.task is not None
         spec.task.cancel()
+        if spec.prefill is not None:
+            spec.prefill.cancel()  # if still queued behind another generation
         self.speculation.misses += 1
         self.speculation.wasted_tokens += spec.stats.completion_tokens
         metrics.SPECULATIONS.labels("missed").inc()

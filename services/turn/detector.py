@@ -281,6 +281,9 @@ class ParleyTurnDetector:
         self._turn: _Turn | None = None
         self._transcript = _Transcript()
         self.avatar_speaking = False
+        #: The ASR still owes words for speech heard (set by the caller each frame): a
+        #: turn without words is then late, not noise, and is not dropped.
+        self.asr_pending = False
         self._speculated: str | None = None  # text of the latest SPECULATE this pause
         # bounded histories, for traces and offline analysis
         self.model_ms: deque[float] = deque(maxlen=8 * keep_stops)  # per model call
@@ -509,6 +512,8 @@ class ParleyTurnDetector:
             and now - turn.stop_at >= cfg.transcript_wait_s
         ):
             if not turn.heard and cfg.drop_empty:
+                if self.asr_pending:
+                    return None  # the words are late (a busy box), not missing
                 self._reset()  # the ASR heard no words in this "turn": noise, a cough
                 return DetectorEvent(EventKind.NOT_SPEECH, now)
             # The ASR is late (or behind on a long utterance): the audio alone decides.

@@ -133,6 +133,11 @@ class ServeLlmBackend:
         tokens: int = await self._handle.prefill.remote(messages)
         return tokens
 
+    async def prefill_reply(self, messages: list[ChatMessage]) -> int:
+        # Helps only if the reply lands on the same replica (one replica: always).
+        tokens: int = await self._handle.prefill_reply.remote(messages)
+        return tokens
+
     async def generate(
         self, messages: list[ChatMessage], params: GenerationParams, stats: GenerationStats
     ) -> AsyncIterator[str]:
