@@ -159,23 +159,26 @@ async def test_prefill_reads_the_history_while_the_user_talks(llm_engine: LlmEng
 async def test_prefill_reply_reads_the_whole_prompt_for_a_speculative_reply(
     llm_engine: LlmEngine,
 ) -> None:
-    """Speculation reads the user's words too: the reply then reads no prompt at all,
-    and says what it would have said without the read-ahead."""
-    persona = ChatMessage("system", "You are Mo, a train conductor. Answer briefly.")
-    turn = [persona, ChatMessage("user", "When does the last train to the coast leave?")]
-    plain, _ = await collect(llm_engine, turn)
-    await collect(llm_engine, [PERSONA, ChatMessage("user", "Hi there.")])  # another session
-    tokens = await llm_engine.prefill_reply(turn)
-    text, stats = await collect(llm_engine, turn)
-    assert stats.prompt_tokens == tokens > 20
-    assert stats.cached_tokens == stats.prompt_tokens
-    assert text == plain
-    # The turn ended on other words: the reply reads only what differs.
-    await llm_engine.prefill_reply([persona, ChatMessage("user", "When does the last bus")])
-    _, stats = await collect(
-        llm_engine, [persona, ChatMessage("user", "When does the last bus leave town?")]
+    """Speculation reads the user's words ahead (while they talk, then at the pause):
+    the reply then reads no prompt at all, and answers the words it was given."""
+    persona = PERSONA
+    turn = [persona, ChatMessage("user", "What is the capital of France?")]
+    other = ChatMessage("system", "You are Mo, a train conductor. Answer briefly.")
+    await collect(llm_engine, [other, ChatMessage("user", "Hi there.")])  # another session
+    so_far = await llm_engine.prefill_reply(
+        [persona, ChatMessage("user", "What is the capital")], words_only=True
     )
+    tokens = await llm_engine.prefill_reply(turn)
+    assert 20 < so_far < tokens < so_far + 12  # the pause only added its last words
+    text, stats = await collect(llm_engine, turn)
+    assert stats.prompt_tokens == stats.cached_tokens == tokens
+    assert "paris" in text.lower(), text
+    # The turn ended on other words than the speculation's: the reply reads only what
+    # differs, and answers the words it was given (not the speculation's).
+    await llm_engine.prefill_reply([persona, ChatMessage("user", "What is the capital of Spain?")])
+    text, stats = await collect(llm_engine, turn)
     assert stats.prompt_tokens - stats.cached_tokens < 10
+    assert "paris" in text.lower() and "madrid" not in text.lower(), text
     with pytest.raises(InvalidInput, match="user's words"):
         await llm_engine.prefill_reply([persona])
 

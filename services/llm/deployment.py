@@ -61,9 +61,9 @@ class LlmDeployment:
         """Read a conversation's prompt ahead into this replica's prefix cache."""
         return await self.engine.prefill(_messages(messages))
 
-    async def prefill_reply(self, messages: object) -> int:
+    async def prefill_reply(self, messages: object, words_only: bool = False) -> int:
         """Read a whole prompt ahead (speculation) into this replica's live state."""
-        return await self.engine.prefill_reply(_messages(messages))
+        return await self.engine.prefill_reply(_messages(messages), words_only=bool(words_only))
 
     async def config(self) -> dict[str, Any]:
         """This replica's validated config (callers build matching local state from it)."""

@@ -126,12 +126,15 @@ class LlmEngine:
             metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
         return tokens
 
-    async def prefill_reply(self, messages: list[ChatMessage]) -> int:
+    async def prefill_reply(self, messages: list[ChatMessage], *, words_only: bool = False) -> int:
         """Read a whole prompt, the user's words included, so that a reply to exactly
         these messages starts at once (speculation: the words of a pause, before the end
         of turn is certain). Returns its length in tokens, 0 where the backend cannot.
 
-        Free if the turn then ends on other words: the next prompt shares its start.
+        `words_only`: the last message is the user's words *so far* (they are still
+        talking): read up to them and no further, so that the pause's prompt only adds
+        its last words. Free if the turn ends on other words: the next prompt shares
+        its start.
         """
         if not messages or messages[0].role != "system" or messages[-1].role != "user":
             raise InvalidInput("prefill_reply takes a conversation from its system message"
@@ -141,7 +144,7 @@ class LlmEngine:
         if prefill is None:
             return 0
         started = clock.now()
-        tokens: int = await prefill(messages)
+        tokens: int = await prefill(messages, words_only)
         if self._own_metrics:
             metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
         return tokens

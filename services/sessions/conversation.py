@@ -224,6 +224,7 @@ class Conversation:
         self._paused_since: float | None = None  # wall clock of the pause's speech onset
         self._closed = False
         self._prefill: asyncio.Task[int] | None = None
+        self._words_read: asyncio.Task[int] | None = None  # the user's words, read ahead
         # The avatar's video timeline is session time (it idles between replies), unlike
         # the audio output stream, which only holds what was said.
         self._started = clock.now()
@@ -322,8 +323,11 @@ class Conversation:
         for transcript in self._drain_asr():
             # A reply may start on these words while the models score them.
             end = self._transcript_end
-            for ev in await self.turn_stream.speculate(transcript, audio_end_s=end):
+            speculated = await self.turn_stream.speculate(transcript, audio_end_s=end)
+            for ev in speculated:
                 self._on_turn_event(ev, clock.now())
+            if not speculated and self.turn_stream.detector.vad.speaking:
+                self._read_words_ahead(transcript)
             await self.turn_stream.update_transcript(transcript, audio_end_s=end)
         self.turn_stream.detector.asr_pending = self.asr.words_pending
         for ev in await self.turn_stream.push(samples):
@@ -403,6 +407,23 @@ class Conversation:
             self._reply.add_done_callback(_log_reply_failure)
 
     # -- speculation ----------------------------------------------------------------------
+    def _read_words_ahead(self, text: str) -> None:
+        """While the user talks, read the prompt up to their words so far, all but the
+        last word (the next decode may still change it): a speculation at the pause then
+        reads only the last words, and its reply is ready when the turn ends."""
+        if not self.speculate or self.replying:
+            return
+        if self._words_read is not None and not self._words_read.done():
+            return  # one at a time: never a queue on the LLM
+        words = " ".join([self._carry_text, text]).split()[:-1]
+        if len(words) < 2:
+            return
+        messages = [self.persona, *self.history, ChatMessage("user", " ".join(words))]
+        self._words_read = asyncio.create_task(
+            self.engines.llm.prefill_reply(messages, words_only=True)
+        )
+        self._words_read.add_done_callback(_log_prefill_failure)
+
     def _start_speculation(self, text: str) -> None:
         user_text = " ".join([self._carry_text, text]).strip()
         spec = _Speculation(
@@ -739,8 +760,9 @@ class Conversation:
     async def close(self) -> None:
         self._closed = True
         self.stop_video()
-        if self._prefill is not None:
-            self._prefill.cancel()
+        for task in (self._prefill, self._words_read):
+            if task is not None:
+                task.cancel()
         self._drop_speculation()
         if self._reply is not None:
             self._reply.cancel()

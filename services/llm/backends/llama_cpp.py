@@ -137,11 +137,15 @@ class LlamaCppBackend:
         Found as the common start of two formatted prompts that differ only in the
         user's next words, so it works for any chat template.
         """
+        return self._common_start(
+            [*messages, ChatMessage("user", "a")], [*messages, ChatMessage("user", "b")]
+        )
+
+    def _common_start(self, a: list[ChatMessage], b: list[ChatMessage]) -> list[int]:
+        """The tokens two conversations' prompts start with."""
         llama = self._llama
-        a, _ = self._prompt([*messages, ChatMessage("user", "a")])
-        b, _ = self._prompt([*messages, ChatMessage("user", "b")])
-        ta = llama.tokenize(a.encode("utf-8"), add_bos=False, special=True)
-        tb = llama.tokenize(b.encode("utf-8"), add_bos=False, special=True)
+        ta = llama.tokenize(self._prompt(a)[0].encode("utf-8"), add_bos=False, special=True)
+        tb = llama.tokenize(self._prompt(b)[0].encode("utf-8"), add_bos=False, special=True)
         return ta[: llama.longest_token_prefix(ta, tb)]
 
     def _prefill(self, messages: list[ChatMessage]) -> int:
@@ -162,10 +166,17 @@ class LlamaCppBackend:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._prefill, messages)
 
-    def _prefill_reply(self, messages: list[ChatMessage]) -> int:
+    def _prefill_reply(self, messages: list[ChatMessage], words_only: bool) -> int:
         llama = self._llama
-        prompt, _ = self._prompt(messages)
-        tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        if words_only:  # up to the user's words: the prompt's common start whatever follows
+            head, user = messages[:-1], messages[-1].content
+            tokens = self._common_start(
+                [*head, ChatMessage("user", f"{user} and")],
+                [*head, ChatMessage("user", f"{user} but")],
+            )
+        else:
+            prompt, _ = self._prompt(messages)
+            tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         if len(tokens) + 1 > self.config.n_ctx:
             raise InvalidInput(f"a prompt of {len(tokens)} tokens does not fit the context")
         keep = int(llama.longest_token_prefix(llama._input_ids.tolist(), tokens))
@@ -177,17 +188,17 @@ class LlamaCppBackend:
                 llama.load_state(llama.cache[tuple(tokens)])
                 keep = int(llama.longest_token_prefix(llama._input_ids.tolist(), tokens))
         # Straight into the live state, no snapshot (copying the state cost ~50 ms, more
-        # than this saves): the reply's completion then finds its whole prompt read and
-        # samples its first token at once.
+        # than this saves): the reply's completion then finds its prompt read and only
+        # reads what is new, or samples its first token at once.
         llama.n_tokens = min(keep, len(tokens) - 1)
         llama.eval(tokens[llama.n_tokens :])
         return len(tokens)
 
-    async def prefill_reply(self, messages: list[ChatMessage]) -> int:
+    async def prefill_reply(self, messages: list[ChatMessage], words_only: bool = False) -> int:
         if self._llama is None:
             raise ModelUnavailable("LLM backend not started")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._prefill_reply, messages)
+        return await loop.run_in_executor(self._executor, self._prefill_reply, messages, words_only)
 
     def _run(
         self,

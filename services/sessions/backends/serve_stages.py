@@ -133,9 +133,9 @@ class ServeLlmBackend:
         tokens: int = await self._handle.prefill.remote(messages)
         return tokens
 
-    async def prefill_reply(self, messages: list[ChatMessage]) -> int:
+    async def prefill_reply(self, messages: list[ChatMessage], words_only: bool = False) -> int:
         # Helps only if the reply lands on the same replica (one replica: always).
-        tokens: int = await self._handle.prefill_reply.remote(messages)
+        tokens: int = await self._handle.prefill_reply.remote(messages, words_only)
         return tokens
 
     async def generate(
