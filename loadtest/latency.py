@@ -213,10 +213,13 @@ def write_report(json_path: Path, report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-async def load_engines(llm_model: str = "") -> Engines:
+async def load_engines(llm_model: str = "", temperature: float | None = None) -> Engines:
+    llm = LlmConfig(model_path=llm_model)
+    if temperature is not None:
+        llm = LlmConfig(model_path=llm_model, temperature=temperature)
     engines = Engines(
         asr=AsrEngine(),
-        llm=LlmEngine(LlmConfig(model_path=llm_model)),
+        llm=LlmEngine(llm),
         tts=TtsEngine(),
         render=RenderEngine(),
     )
@@ -233,6 +236,7 @@ async def run(
     barge_ins: int = 0,
     backchannels: int = 0,
     speculation: str = "on",
+    temperature: float | None = None,
     console: Console | None = None,
 ) -> tuple[dict[str, Any], list[TurnResult], Recording | None]:
     """Replay the corpus; `speculation` "on", "off" or "both" (each turn said to two
@@ -244,7 +248,7 @@ async def run(
     rss_start = rss_mb()
     t0 = clock.now()
     with console.status("loading models (ASR, VAD, LLM, TTS) and warming up"):
-        engines = await load_engines(llm_model)
+        engines = await load_engines(llm_model, temperature)
     load_s = clock.now() - t0
     rss_loaded = rss_mb()
     conv = Conversation(engines, speculate=speculation != "off")
@@ -431,11 +435,13 @@ def bench_latency(
     barge_ins: int = 5,
     backchannels: int = 4,
     speculation: str = "both",
+    temperature: float | None = None,
 ) -> dict[str, Any]:
     report, _, _ = asyncio.run(
         run(audio_dir, turns, llm_model=llm_model, barge_ins=barge_ins,
-            backchannels=backchannels, speculation=speculation)
+            backchannels=backchannels, speculation=speculation, temperature=temperature)
     )  # fmt: skip
+    report["summary"]["llm_temperature"] = temperature
     return write_report(json_path, report)
 
 

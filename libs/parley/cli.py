@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                      help='"mm-hm" trials while the avatar talks (0: none)')  # fmt: skip
     lat.add_argument("--speculation", choices=("on", "off", "both"), default="both",
                      help="speculative replies; both: every turn with and without")  # fmt: skip
+    lat.add_argument("--temperature", type=float, default=None,
+                     help="the LLM's sampling temperature (default: its config's); 0 makes"
+                          " both sides of --speculation both say the same replies")  # fmt: skip
     lat.add_argument("--target", default=None,
                      help="also say every turn to this server (grpc://host:port, e.g. parley"
                           " serve's) and compare it with the in-process engine")  # fmt: skip
@@ -122,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise InvalidInput("--barge-ins must not be negative")
             if args.backchannels < 0:
                 raise InvalidInput("--backchannels must not be negative")
+            if args.temperature is not None and not 0.0 <= args.temperature <= 2.0:
+                raise InvalidInput("--temperature must be within [0, 2]")
             bench_latency(
                 args.audio_dir, args.turns, args.json, args.llm_model, args.barge_ins,
-                args.backchannels, args.speculation,
+                args.backchannels, args.speculation, args.temperature,
             )  # fmt: skip
         elif args.command == "bench" and args.bench == "asr":
             from loadtest.asr_bench import bench_asr
