@@ -317,12 +317,13 @@ def test_write_mp4_muxes_video_and_audio(engine: RenderEngine, tmp_path: Path) -
         assert float(video.duration * video.time_base) == pytest.approx(2.0, abs=0.05)
         assert float(sound.duration * sound.time_base) == pytest.approx(2.0, abs=0.05)
         assert sound.sample_rate == rate
+        # Read while the container is open (PyAV 18 refuses a closed stream's fields).
+        assert Fraction(video.average_rate or 0) == fps
         decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
     assert len(decoded) == pytest.approx(2 * rate, abs=2048)
     # The sine starts at 0.5 s in the decoded audio too (AAC priming is trimmed).
     loud = np.flatnonzero(np.abs(decoded) > 0.1)
     assert loud[0] / rate == pytest.approx(0.5, abs=0.03)
-    assert Fraction(video.average_rate or 0) == fps
 
 
 async def test_head_motion_is_subtle_and_glides_with_speaking() -> None:
