@@ -126,6 +126,21 @@ async def test_finalize_waits_for_the_final_the_endpointer_started(
     assert wer is not None and wer <= 0.2, final.text
     assert not stream.words_pending
     assert await stream.finalize() is None  # the next turn does not get them again
+    # A discarded utterance (a backchannel) keeps none of the words its final decode finds.
+    while not stream.events.empty():
+        stream.events.get_nowait()
+    stream.push(audio)
+    assert stream.words_pending
+    stream.discard()
+    assert not stream.words_pending
+    await asyncio.sleep(1.0)  # the decode in flight finishes
+    finals = []
+    while not stream.events.empty():
+        ev = stream.events.get_nowait()
+        if isinstance(ev, Transcript) and ev.is_final:
+            finals.append(ev.text)
+    assert not finals
+    assert await stream.finalize() is None
 
 
 async def test_asr_ignores_silence_and_noise(asr_engine: AsrEngine) -> None:

@@ -218,6 +218,13 @@ def test_late_words_are_waited_for_not_dropped_as_noise(
     det.asr_pending = False
     (end,) = ends(det.push_events(silence(0.02)))
     assert end.text == "What is the capital of France?" and end.reason == "confident"
+    # They never come: at the silence cap the "turn" is noise, not a turn to answer.
+    det = detector(vad, semantic, None)
+    det.asr_pending = True
+    audio = np.concatenate([silence(0.3), speech, silence(cfg.silence_cap_s + 0.2)])
+    kinds = [ev.kind for i in range(0, len(audio), FRAME)
+             for ev in det.push_events(audio[i : i + FRAME])]  # fmt: skip
+    assert EventKind.END_OF_TURN not in kinds and kinds[-1] is EventKind.NOT_SPEECH, kinds
 
 
 def test_never_ending_talker_is_capped_and_recovers(

@@ -123,6 +123,7 @@ class _Utterance:
     decoded_s: float = 0.0
     decode_started_at: int = 0  # utterance samples when the running decode started
     decoding: asyncio.Task[None] | None = None
+    discarded: bool = False  # forgotten (a backchannel, a cough): its final goes nowhere
 
     def audio(self) -> np.ndarray:
         if len(self.chunks) > 1:
@@ -145,6 +146,7 @@ class AsrStream:
         self._preroll_samples = 0
         self._utterance: _Utterance | None = None
         self._pending_final: asyncio.Future[Transcript | None] | None = None
+        self._final_of: _Utterance | None = None  # the utterance of _pending_final
         self._count = 0
 
     # -- input ----------------------------------------------------------------------------
@@ -180,7 +182,8 @@ class AsrStream:
             else 0.0
         )
         if silent_for >= cfg.endpoint_silence_s or utt.samples >= cfg.max_utterance_s * SAMPLE_RATE:
-            self._pending_final = asyncio.ensure_future(self._complete(self._detach()))
+            self._final_of = self._detach()
+            self._pending_final = asyncio.ensure_future(self._complete(self._final_of))
 
     def _keep_preroll(self, samples: np.ndarray) -> None:
         self._preroll.append(samples)
@@ -259,8 +262,12 @@ class AsrStream:
         return await self._complete(utt)
 
     def discard(self) -> None:
-        """Forget the current utterance (a backchannel, a cough): no final will follow."""
-        self._detach()
+        """Forget the current utterance (a backchannel, a cough): no final will follow,
+        not even one the endpointer already started."""
+        for utt in (self._detach(), self._final_of):
+            if utt is not None:
+                utt.discarded = True
+        self._pending_final = self._final_of = None
 
     async def _complete(self, utt: _Utterance | None) -> Transcript | None:
         if utt is None:
@@ -272,9 +279,10 @@ class AsrStream:
             decoded, decode_s = await self.engine.decode(utt.audio())
             utt.decoded_upto, utt.decoded_text = utt.samples, decoded.text
         transcript = self._transcript(utt, utt.decoded_text, True, decode_s)
-        if transcript.text:
-            self.events.put_nowait(transcript)
-        return transcript if transcript.text else None
+        if not transcript.text or utt.discarded:
+            return None
+        self.events.put_nowait(transcript)
+        return transcript
 
     @property
     def in_utterance(self) -> bool:

@@ -741,6 +741,8 @@ class Conversation:
 
         The session stays usable; a new stream starts from a clean input state.
         """
+        if self._words_read is not None:
+            self._words_read.cancel()
         self._drop_speculation()
         if self._reply is not None:
             self._reply.cancel()

@@ -177,8 +177,12 @@ class LlamaCppBackend:
         else:
             prompt, _ = self._prompt(messages)
             tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-        if len(tokens) + 1 > self.config.n_ctx:
-            raise InvalidInput(f"a prompt of {len(tokens)} tokens does not fit the context")
+        if len(tokens) + self.config.max_tokens > self.config.n_ctx:
+            raise InvalidInput(
+                f"a prompt of {len(tokens)} tokens leaves no room for a reply in the context"
+            )
+        if llama._is_recurrent or llama._is_hybrid:
+            return 0  # their state cannot drop its tail: generation re-reads from scratch
         keep = int(llama.longest_token_prefix(llama._input_ids.tolist(), tokens))
         if keep >= len(tokens):
             return len(tokens)
@@ -190,8 +194,13 @@ class LlamaCppBackend:
         # Straight into the live state, no snapshot (copying the state cost ~50 ms, more
         # than this saves): the reply's completion then finds its prompt read and only
         # reads what is new, or samples its first token at once.
-        llama.n_tokens = min(keep, len(tokens) - 1)
-        llama.eval(tokens[llama.n_tokens :])
+        keep = min(keep, len(tokens) - 1)
+        if not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llama.reset()
+            keep = 0
+        llama.n_tokens = keep
+        llama._requires_eval = True  # until the read is done: a failed read leaves no stale logits
+        llama.eval(tokens[keep:])
         return len(tokens)
 
     async def prefill_reply(self, messages: list[ChatMessage], words_only: bool = False) -> int:
