@@ -216,7 +216,7 @@ def write_report(json_path: Path, report: dict[str, Any]) -> dict[str, Any]:
 async def load_engines(llm_model: str = "", temperature: float | None = None) -> Engines:
     llm = LlmConfig(model_path=llm_model)
     if temperature is not None:
-        llm = LlmConfig(model_path=llm_model, temperature=temperature)
+        llm = llm.model_copy(update={"temperature": temperature})
     engines = Engines(
         asr=AsrEngine(),
         llm=LlmEngine(llm),

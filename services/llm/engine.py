@@ -117,14 +117,7 @@ class LlmEngine:
         if not messages or messages[0].role != "system":
             raise InvalidInput("prefill takes the conversation from its system message on")
         validate_messages([*messages, ChatMessage("user", "")], self.config.max_prompt_chars)
-        prefill = getattr(self.backend, "prefill", None)
-        if prefill is None:
-            return 0
-        started = clock.now()
-        tokens: int = await prefill(messages)
-        if self._own_metrics:
-            metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
-        return tokens
+        return await self._read_ahead("prefill", messages)
 
     async def prefill_reply(self, messages: list[ChatMessage], *, words_only: bool = False) -> int:
         """Read a whole prompt, the user's words included, so that a reply to exactly
@@ -140,11 +133,15 @@ class LlmEngine:
             raise InvalidInput("prefill_reply takes a conversation from its system message"
                                " to the user's words")  # fmt: skip
         validate_messages(messages, self.config.max_prompt_chars)
-        prefill = getattr(self.backend, "prefill_reply", None)
-        if prefill is None:
+        return await self._read_ahead("prefill_reply", messages, words_only)
+
+    async def _read_ahead(self, method: str, *args: object) -> int:
+        """Call the backend's read-ahead `method` if it has one (0 otherwise), timed."""
+        read = getattr(self.backend, method, None)
+        if read is None:
             return 0
         started = clock.now()
-        tokens: int = await prefill(messages, words_only)
+        tokens: int = await read(*args)
         if self._own_metrics:
             metrics.STAGE_LATENCY.labels("llm", "prefill").observe(clock.now() - started)
         return tokens

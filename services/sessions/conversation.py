@@ -329,7 +329,7 @@ class Conversation:
             if not speculated and self.turn_stream.detector.vad.speaking:
                 self._read_words_ahead(transcript)
             await self.turn_stream.update_transcript(transcript, audio_end_s=end)
-        self.turn_stream.detector.asr_pending = self.asr.words_pending
+        self.turn_stream.set_asr_pending(self.asr.words_pending)
         for ev in await self.turn_stream.push(samples):
             self._on_turn_event(ev, now - (self.position / SAMPLE_RATE - ev.at_s))
         self._generate_if_waiting()

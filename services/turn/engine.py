@@ -135,6 +135,10 @@ class TurnStream:
         # A plain flag read by the worker; the next decision sees it.
         self.detector.set_avatar_speaking(speaking)
 
+    def set_asr_pending(self, pending: bool) -> None:
+        # A plain flag read by the worker, like the one above.
+        self.detector.asr_pending = bool(pending)
+
     @property
     def now_s(self) -> float:
         return self.detector.now_s
