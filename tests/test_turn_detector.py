@@ -218,13 +218,21 @@ def test_late_words_are_waited_for_not_dropped_as_noise(
     det.asr_pending = False
     (end,) = ends(det.push_events(silence(0.02)))
     assert end.text == "What is the capital of France?" and end.reason == "confident"
-    # They never come: at the silence cap the "turn" is noise, not a turn to answer.
-    det = detector(vad, semantic, None)
-    det.asr_pending = True
+    # They never come. At the silence cap, over the avatar, the "turn" is noise (its
+    # paused reply goes on); with the avatar silent the turn ends, wordless, and the
+    # caller's final decides.
     audio = np.concatenate([silence(0.3), speech, silence(cfg.silence_cap_s + 0.2)])
-    kinds = [ev.kind for i in range(0, len(audio), FRAME)
-             for ev in det.push_events(audio[i : i + FRAME])]  # fmt: skip
-    assert EventKind.END_OF_TURN not in kinds and kinds[-1] is EventKind.NOT_SPEECH, kinds
+    for avatar_speaking in (True, False):
+        det = detector(vad, semantic, None)
+        det.asr_pending = True
+        det.set_avatar_speaking(avatar_speaking)
+        events = [ev for i in range(0, len(audio), FRAME)
+                  for ev in det.push_events(audio[i : i + FRAME])]  # fmt: skip
+        last = events[-1]
+        if avatar_speaking:
+            assert last.kind is EventKind.NOT_SPEECH and not ends(events), events
+        else:
+            assert ends(events) == [last] and last.reason == "silence_cap" and not last.text
 
 
 def test_never_ending_talker_is_capped_and_recovers(

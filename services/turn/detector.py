@@ -483,8 +483,12 @@ class ParleyTurnDetector:
         silent = now - turn.silence_since
         if silent >= cfg.silence_cap_s:
             if not turn.heard and cfg.drop_empty and self.semantic is not None:
-                self._reset()  # still no words after the cap (the ASR owed some): noise
-                return DetectorEvent(EventKind.NOT_SPEECH, now)
+                # Still no words (the ASR owed some). Over the avatar: call it noise, so
+                # its paused reply goes on. Otherwise end the turn: the caller's final
+                # then says whether anything was said (a busy box can be that late).
+                if self.avatar_speaking:
+                    self._reset()
+                    return DetectorEvent(EventKind.NOT_SPEECH, now)
             return self._end(turn, now, self.probability, "silence_cap", text=self._text_of(turn))
         audio = turn.audio
         # 2. fast path: the audio model alone, before the transcript exists
