@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -214,17 +214,23 @@ async def test_streams_are_paced_cancellable_and_checked(target: str, store: Ten
         with pytest.raises(InvalidInput, match="1-D"):
             await collect(client.converse(sid, np.zeros((320, 2), np.float32)))
 
+        async def once_free(call: Callable[[], Awaitable[object]]) -> None:
+            """`call` as soon as the server has noticed the previous stream's cancel."""
+            deadline = clock.now() + 3.0
+            while True:
+                try:
+                    await call()
+                    return
+                except ConflictError:  # the server has not noticed the cancel yet
+                    assert clock.now() < deadline, "the cancelled stream still holds the session"
+                    await asyncio.sleep(0.05)
+
         # A stream given up on (here by a timeout) is cancelled: the session takes a new one.
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(collect(client.converse(sid, silence(30.0))), 0.5)
-        deadline = clock.now() + 3.0
-        while True:
-            try:
-                await collect(client.converse(sid, silence(0.1), realtime=False))
-                break
-            except ConflictError:  # the server has not noticed the cancel yet
-                assert clock.now() < deadline, "the cancelled stream still holds the session"
-                await asyncio.sleep(0.05)
+            await once_free(
+                lambda: asyncio.wait_for(collect(client.converse(sid, silence(30.0))), 0.5)
+            )
+        await once_free(lambda: collect(client.converse(sid, silence(0.1), realtime=False)))
         assert (await client.get_session(sid)).active
         await client.end_session(sid)
 
