@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from parley.energy import EnergyOptions, EnergyTracker, quiet_covers
 from parley.errors import InvalidInput
 from parley.vad import SileroVadModel, VadOptions, VadStream
 
@@ -275,6 +276,7 @@ class _SimUtterance:
     samples: int = 0
     speaking: bool = True
     last_speech_end: int | None = None
+    quiet_from: int | None = None
     decoded_upto: int = 0
     decoded_text: str = ""
     decode_started_at: int = 0
@@ -296,6 +298,8 @@ class SimulatedAsr:
         self.config = whisper.config
         # the ASR's own VAD, as AsrStream configures it
         self.vad = VadStream(vad_model, VadOptions(min_silence_ms=self.config.stop_decode_ms))
+        cfg = self.config
+        self.energy = EnergyTracker(EnergyOptions(dip_ms=cfg.dip_ms)) if cfg.dip_ms else None
         self.position = 0
         self._count = 0
         self._utt: _SimUtterance | None = None
@@ -321,8 +325,26 @@ class SimulatedAsr:
 
     def _speech_end(self, utt: _SimUtterance) -> int:
         if utt.last_speech_end is not None and not utt.speaking:
-            return utt.last_speech_end - utt.start_sample
+            end = utt.last_speech_end if utt.quiet_from is None else utt.quiet_from
+            return min(end, utt.last_speech_end) - utt.start_sample
         return utt.samples
+
+    def _on_speech_stop(self, utt: _SimUtterance, silence_s: float, now: float) -> None:
+        utt.speaking = False
+        utt.last_speech_end = round(silence_s * SR)
+        quiet = self.energy.quiet_since if self.energy is not None else None
+        utt.quiet_from = (
+            round(quiet * SR)
+            if quiet is not None and quiet_covers(quiet, silence_s, quiet, self.config.quiet_lag_s)
+            else None
+        )
+        end = self._speech_end(utt)
+        running = utt.decoding is not None and utt.decoding[0] > now
+        if utt.decoded_upto >= end or (
+            running and utt.decoding is not None and utt.decoding[1] >= end
+        ):
+            return  # the decode started at the energy dip holds every word
+        self._schedule(utt, now)
 
     def _complete_decodes(self, until: float) -> None:
         while self._pending and self._pending[0][0] <= until:
@@ -361,7 +383,7 @@ class SimulatedAsr:
 
     def _on_speech_start(self) -> None:
         if self._utt is not None:
-            self._utt.speaking = True
+            self._utt.speaking, self._utt.quiet_from = True, None
             return
         self._count += 1
         preroll = min(self.position, round(self.config.preroll_s * SR))
@@ -377,16 +399,17 @@ class SimulatedAsr:
             utt.samples += len(frame)
         self.position += len(frame)
         now = self._now()
+        dips = self.energy.push(frame) if self.energy is not None else []
         for ev in self.vad.push(frame):
             if ev.speaking:
                 self._on_speech_start()
             elif self._utt is not None:
-                self._utt.speaking = False
-                self._utt.last_speech_end = round(ev.at_s * SR)
-                self._schedule(self._utt, now)
+                self._on_speech_stop(self._utt, ev.at_s, now)
         utt = self._utt
         if utt is not None:
-            if utt.speaking and utt.samples - utt.decode_started_at >= cfg.partial_interval_s * SR:
+            if utt.speaking and (
+                dips or utt.samples - utt.decode_started_at >= cfg.partial_interval_s * SR
+            ):
                 self._schedule(utt, now)
             silent_for = (
                 (self.position - utt.last_speech_end) / SR

@@ -13,7 +13,7 @@ from parley.errors import InvalidInput
 
 from loadtest.replay import word_error_rate
 from services.asr.backends.whisper import trim_repetition
-from services.asr.engine import AsrEngine, Transcript
+from services.asr.engine import Activity, AsrEngine, Transcript
 from services.tts.chunker import ClauseChunker
 from services.tts.engine import TtsEngine
 from services.turn.detector import DetectorEvent, EventKind
@@ -106,6 +106,48 @@ async def test_asr_streams_partials_and_a_fast_final(
         if isinstance(ev, Transcript) and not ev.is_final:
             partials.append(ev.text)
     assert len(partials) >= 2
+
+
+async def test_asr_decodes_where_the_energy_falls_quiet(
+    asr_engine: AsrEngine, tts_engine: TtsEngine
+) -> None:
+    """The whole utterance is decoded at the first 30 ms of quiet, before Silero hears
+    the silence; its stop then needs no decode of its own, and the final reuses it."""
+    text = "Could you book a table for two tonight?"
+    speech = await say(tts_engine, text)
+    audio = np.concatenate([np.zeros(SR // 2, np.float32), speech, np.zeros(SR // 2, np.float32)])
+    decoded_to: dict[int, list[float]] = {}
+    for dip_ms in (30, 0):
+        engine = AsrEngine(
+            asr_engine.config.model_copy(update={"dip_ms": dip_ms}), backend=asr_engine.backend
+        )
+        stream = engine.stream()
+        ends: list[float] = []
+        silence_at: float | None = None
+        for i in range(0, len(audio), 320):
+            stream.push(audio[i : i + 320])
+            # An infinitely fast box: every decode is done before the next frame.
+            utt = stream._utterance
+            if utt is not None and utt.decoding is not None:
+                before = utt.decoded_upto
+                await utt.decoding
+                if utt.decoded_upto > before:
+                    ends.append((utt.start_sample + utt.decoded_upto) / SR)
+            while not stream.events.empty():
+                ev = stream.events.get_nowait()
+                if isinstance(ev, Activity) and not ev.speaking:
+                    silence_at = ev.at_s
+        final = await stream.finalize()
+        assert final is not None and final.decode_s == 0.0
+        wer = word_error_rate(text, final.text)
+        assert wer is not None and wer <= 0.15, final.text
+        assert silence_at is not None
+        decoded_to[dip_ms] = [e - silence_at for e in ends]
+        await engine.close()
+    # With the dip: the last decode ended 20-130 ms before Silero's silence began.
+    assert -0.13 <= decoded_to[30][-1] <= -0.02, decoded_to
+    # Without: it had to reach Silero's silence (one decode more, ~60 ms later).
+    assert decoded_to[0][-1] >= 0.0, decoded_to
 
 
 async def test_finalize_waits_for_the_final_the_endpointer_started(

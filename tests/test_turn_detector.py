@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 from parley.audio import resample
+from parley.energy import EnergyTracker
 from parley.errors import InvalidInput
 from parley.vad import SileroVadModel
 
@@ -196,6 +197,52 @@ def test_silence_and_noise_never_make_a_turn(
         # the ASR hears no words in noise: at most empty transcripts come
         events = run(det, audio.astype(np.float32), [(0.0, "")])
         assert not ends(events), events
+
+
+def test_words_decoded_where_the_energy_fell_quiet_cover_the_pause(
+    vad: SileroVadModel, semantic: SemanticTurnModel
+) -> None:
+    """The ASR decodes at the energy dip, before Silero hears the silence: that
+    transcript holds every word of the pause, and the turn ends on it at the stop."""
+
+    def feed(
+        det: ParleyTurnDetector, audio: np.ndarray, text: str, end_s: float
+    ) -> tuple[list[DetectorEvent], float | None]:
+        asr_energy, events, dip_at = EnergyTracker(), [], None  # the ASR's own tracker
+        for i in range(0, len(audio), FRAME):
+            frame = audio[i : i + FRAME]
+            for dip in asr_energy.push(frame):
+                if dip > end_s and text:  # (dips inside words give partials: not needed)
+                    dip_at = dip
+                    det.update_transcript(text, audio_end_s=dip, at_s=dip)
+            events += det.push_events(frame)
+        return events, dip_at
+
+    # Piper's speech differs a little each time: take one whose pause Silero hears
+    # clearly after the dip (as at most turn ends: ~60 ms, see docs/benchmarks.md).
+    for text in [
+        "What is the capital of France?",
+        "Where is the nearest train station?",
+        "How tall is the Eiffel Tower?",
+    ]:
+        speech = speak(text)
+        audio = np.concatenate([silence(0.4), speech, silence(2.5)])
+        end_s = (0.4 * SR + len(speech)) / SR
+        events, dip_at = feed(detector(vad, None, None), audio, "", end_s)
+        stop = next(e for e in events if e.kind is EventKind.SPEECH_END)
+        if stop.at_s >= end_s + 0.05:
+            break
+    else:
+        pytest.fail("Silero heard every pause within 50 ms of the words' end")
+    decisions = {}
+    for lag in (0.15, 0.0):
+        events, dip_at = feed(detector(vad, semantic, None, quiet_lag_s=lag), audio, text, end_s)
+        assert dip_at is not None and dip_at <= end_s + 0.05 and dip_at < stop.at_s
+        (decisions[lag],) = ends(events)
+    assert decisions[0.15].text == text and decisions[0.15].reason == "confident"
+    assert decisions[0.15].at_s <= stop.at_s + 0.15, decisions
+    # Without the energy rule the words are not fresh for the pause: the turn waits.
+    assert decisions[0.0].at_s >= end_s + 0.8, decisions
 
 
 def test_late_words_are_waited_for_not_dropped_as_noise(

@@ -33,6 +33,13 @@ class AsrConfig(BaseModel):
     #: the turn case set, 32 ms put the end of turn 38 ms earlier at p50 than 96 ms,
     #: with the same false cut-ins (docs/benchmarks.md).
     stop_decode_ms: int = Field(default=32, ge=32, le=2000)
+    #: Also decode at the first `dip_ms` of quiet energy inside the utterance (0: off):
+    #: ~4 ms after the words end, where Silero hears the silence ~60 ms later. A dip
+    #: inside a word only buys an early partial (`parley.energy`).
+    dip_ms: int = Field(default=30, ge=0, le=500)
+    #: A decode that reaches the start of the quiet run covers Silero's stop if the
+    #: run began at most this long before it (Silero's lag, not a soft last word).
+    quiet_lag_s: float = Field(default=0.15, ge=0.0, le=0.5)
     #: Without an explicit finalize, an utterance ends after this much silence.
     endpoint_silence_s: float = Field(default=0.8, ge=0.1)
     #: Utterances are cut (finalized) at this length; Whisper sees at most 30 s.

@@ -2,7 +2,8 @@
 
 While the user speaks, the growing utterance is re-decoded every
 `partial_interval_s` (partials). When the VAD hears the speech stop, the whole
-utterance is decoded at once, so that by the time the turn detector decides the
+utterance is decoded at once (or sooner: at the first 30 ms of quiet energy, see
+`parley.energy`; Silero hears the silence ~60 ms after the words end), so that by the time the turn detector decides the
 user is done, the final transcript is usually already there: `finalize()` then
 costs nothing. Utterances end on `finalize()`, after `endpoint_silence_s`, or at
 `max_utterance_s` (long monologues are transcribed in pieces).
@@ -17,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 from parley import clock, metrics
+from parley.energy import EnergyOptions, EnergyTracker, quiet_covers
 from parley.vad import SAMPLE_RATE, SileroVadModel, VadOptions, VadStream
 
 from services.asr.config import AsrConfig
@@ -118,6 +120,7 @@ class _Utterance:
     samples: int = 0
     speaking: bool = True
     last_speech_end: int | None = None  # stream sample where the latest silence began
+    quiet_from: int | None = None  # stream sample where energy fell quiet for that silence
     decoded_upto: int = 0  # utterance samples covered by the newest finished decode
     decoded_text: str = ""
     decoded_s: float = 0.0
@@ -140,6 +143,9 @@ class AsrStream:
         self.vad = VadStream(
             engine.vad_model, VadOptions(min_silence_ms=self.config.stop_decode_ms)
         )
+        self.energy = (
+            EnergyTracker(EnergyOptions(dip_ms=self.config.dip_ms)) if self.config.dip_ms else None
+        )
         self.events: asyncio.Queue[AsrEvent] = asyncio.Queue()
         self.position = 0  # samples received
         self._preroll: list[np.ndarray] = []
@@ -160,17 +166,18 @@ class AsrStream:
         else:
             self._keep_preroll(samples)
         self.position += len(samples)
+        dips = self.energy.push(samples) if self.energy is not None else []
         for ev in self.vad.push(samples):
             self.events.put_nowait(Activity(ev.speaking, ev.at_s))
             if ev.speaking:
                 self._on_speech_start()
             elif self._utterance is not None:
-                self._utterance.speaking = False
-                self._utterance.last_speech_end = int(ev.at_s * SAMPLE_RATE)
-                self._start_decode()  # the utterance may be complete: decode it all now
+                self._on_speech_stop(self._utterance, ev.at_s)
         utt = self._utterance
         if utt is None:
             return
+        if dips and utt.speaking:
+            self._start_decode()  # the words may have ended: Silero will say so in ~60 ms
         if (
             utt.speaking
             and utt.samples - utt.decode_started_at >= cfg.partial_interval_s * SAMPLE_RATE
@@ -185,6 +192,22 @@ class AsrStream:
             self._final_of = self._detach()
             self._pending_final = asyncio.ensure_future(self._complete(self._final_of))
 
+    def _on_speech_stop(self, utt: _Utterance, silence_s: float) -> None:
+        utt.speaking = False
+        utt.last_speech_end = int(silence_s * SAMPLE_RATE)
+        # Energy fell quiet a little before Silero's silence (its lag): the words end there.
+        quiet = self.energy.quiet_since if self.energy is not None else None
+        utt.quiet_from = (
+            round(quiet * SAMPLE_RATE)
+            if quiet is not None and quiet_covers(quiet, silence_s, quiet, self.config.quiet_lag_s)
+            else None
+        )
+        end = self._speech_end(utt)
+        running = utt.decoding is not None and not utt.decoding.done()
+        if utt.decoded_upto >= end or (running and utt.decode_started_at >= end):
+            return  # a decode started at the energy dip already holds every word
+        self._start_decode()  # the utterance may be complete: decode it all now
+
     def _keep_preroll(self, samples: np.ndarray) -> None:
         self._preroll.append(samples)
         self._preroll_samples += len(samples)
@@ -195,7 +218,7 @@ class AsrStream:
     def _on_speech_start(self) -> None:
         utt = self._utterance
         if utt is not None:
-            utt.speaking = True
+            utt.speaking, utt.quiet_from = True, None
             return
         self._count += 1
         pre = self._preroll
@@ -227,9 +250,11 @@ class AsrStream:
 
     @staticmethod
     def _speech_end(utt: _Utterance) -> int:
-        """Utterance samples up to where the latest speech stopped (all, while speaking)."""
+        """Utterance samples up to where the latest speech stopped (all, while speaking):
+        where its energy fell quiet, if that is known."""
         if utt.last_speech_end is not None and not utt.speaking:
-            return utt.last_speech_end - utt.start_sample
+            end = utt.last_speech_end if utt.quiet_from is None else utt.quiet_from
+            return min(end, utt.last_speech_end) - utt.start_sample
         return utt.samples
 
     def _transcript(self, utt: _Utterance, text: str, final: bool, decode_s: float) -> Transcript:

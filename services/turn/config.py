@@ -30,6 +30,9 @@ class TurnConfig(BaseModel):
     max_turn_s: float = Field(default=_DEFAULTS.max_turn_s, ge=2.0, le=600.0)
     #: Raise SPECULATE with the words of each pause, so a reply can start early.
     speculate: bool = True
+    #: A transcript decoded at the energy dip covers a pause Silero heard up to this
+    #: much later (0: it must reach Silero's silence; keep as `asr.quiet_lag_s`).
+    quiet_lag_s: float = Field(default=_DEFAULTS.quiet_lag_s, ge=0.0, le=0.5)
 
     @model_validator(mode="after")
     def _ordered(self) -> TurnConfig:
@@ -48,6 +51,7 @@ class TurnConfig(BaseModel):
             silence_cap_s=self.silence_cap_s,
             max_turn_s=self.max_turn_s,
             speculate=self.speculate,
+            quiet_lag_s=self.quiet_lag_s,
         )
         if not self.smart_turn:  # no audio model: no fast path, the words alone decide
             config = replace(config, fast_audio_p=None, bias=0.0, w_audio=0.0, w_text=1.0)

@@ -52,6 +52,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
+from parley.energy import EnergyTracker, quiet_covers
 from parley.errors import InvalidInput
 from parley.vad import SAMPLE_RATE, SileroVadModel, VadOptions, VadStream
 
@@ -132,12 +133,18 @@ class ParleyTurnConfig:
     account_compute: bool = False
     #: Raise SPECULATE for the words of each pause (see `speculate`).
     speculate: bool = True
+    #: A transcript is fresh for a pause if its audio reaches the start of the quiet
+    #: energy run that Silero's silence began at most this long after (0: only if it
+    #: reaches Silero's silence). The ASR decodes at that quiet start (`asr.dip_ms`).
+    quiet_lag_s: float = 0.15
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.incomplete_p < self.complete_p <= 1.0:
             raise InvalidInput("need 0 <= incomplete_p < complete_p <= 1")
         if not 0.0 <= self.min_silence_s <= self.max_silence_s <= self.silence_cap_s:
             raise InvalidInput("need 0 <= min_silence_s <= max_silence_s <= silence_cap_s")
+        if not 0.0 <= self.quiet_lag_s <= 0.5:
+            raise InvalidInput("quiet_lag_s must be within [0, 0.5] s")
         if self.vad_stop_ms < 32 or self.max_turn_s <= 1.0:
             raise InvalidInput("vad_stop_ms must be >= 32 and max_turn_s > 1 s")
 
@@ -270,6 +277,7 @@ class ParleyTurnDetector:
     ) -> None:
         self.config = cfg = config or ParleyTurnConfig()
         self.vad: VadStream = VadStream(vad_model, VadOptions(min_silence_ms=cfg.vad_stop_ms))
+        self.energy = EnergyTracker()
         self.smart_turn = smart_turn
         self.semantic = semantic
         self._timer = timer
@@ -343,20 +351,24 @@ class ParleyTurnDetector:
         no SPECULATE for a backchannel while the avatar talks.
         """
         text = text.strip() if isinstance(text, str) else ""
-        turn = self._turn
-        if not self.config.speculate or not text or turn is None or text == self._speculated:
-            return []
-        if self.avatar_speaking and is_backchannel(text):
-            return []
-        pause = turn.silence_since if turn.silence_since is not None else self.vad.pending_silence_s
         end = self.now_s if audio_end_s is None else audio_end_s
-        if pause is None or end < pause - 1e-6:
-            return []  # the words of speech still going on
-        self._speculated = text
-        event = DetectorEvent(EventKind.SPECULATE, self.now_s if at_s is None else at_s, 0.0,
-                              "", text)  # fmt: skip
+        event = self._speculation(text, end, self.now_s if at_s is None else at_s)
+        if event is None:
+            return []
         self.events.append(event)
         return [event]
+
+    def _speculation(self, text: str, audio_end_s: float, at_s: float) -> DetectorEvent | None:
+        turn = self._turn
+        if not self.config.speculate or not text or turn is None or text == self._speculated:
+            return None
+        if self.avatar_speaking and is_backchannel(text):
+            return None
+        pause = turn.silence_since if turn.silence_since is not None else self.vad.pending_silence_s
+        if pause is None or not self._covers(audio_end_s, pause):
+            return None  # the words of speech still going on
+        self._speculated = text
+        return DetectorEvent(EventKind.SPECULATE, at_s, 0.0, "", text)
 
     def _take_text(self, turn: _Turn, tr: _Transcript) -> None:
         turn.empty = not tr.text
@@ -368,8 +380,12 @@ class ParleyTurnDetector:
     def _fresh(self, tr: _Transcript, turn: _Turn) -> bool:
         assert turn.silence_since is not None and turn.stop_at is not None
         if tr.audio_end_s is not None:
-            return tr.audio_end_s >= turn.silence_since - 1e-6
+            return self._covers(tr.audio_end_s, turn.silence_since)
         return tr.at_s >= turn.stop_at - 1e-6
+
+    def _covers(self, audio_end_s: float, pause_s: float) -> bool:
+        """Audio decoded up to `audio_end_s` holds every word before the pause."""
+        return quiet_covers(audio_end_s, pause_s, self.energy.quiet_since, self.config.quiet_lag_s)
 
     def _ready(self, at_s: float, ms: float) -> float:
         return at_s + (ms / 1000.0 if self.config.account_compute else 0.0)
@@ -390,6 +406,7 @@ class ParleyTurnDetector:
         self._previous_s = self.now_s
         self.position += len(samples)
         now = self.now_s
+        self.energy.push(samples)
         for ev in self.vad.push(samples):
             if ev.speaking:
                 out.append(DetectorEvent(EventKind.SPEECH_START, ev.at_s))
@@ -404,6 +421,13 @@ class ParleyTurnDetector:
             elif self._turn is not None:
                 out.append(DetectorEvent(EventKind.SPEECH_END, ev.at_s))
                 self._on_stop(self._turn, ev.at_s, now)
+        tr = self._transcript
+        if tr.audio_end_s is not None and self._turn is not None:
+            # Words decoded where the energy fell quiet arrive before Silero hears the
+            # pause: they are speculated on once it does.
+            early = self._speculation(tr.text, tr.audio_end_s, now)
+            if early is not None:
+                out.append(early)
         turn = self._turn
         if turn is not None:
             decision = self._decide(turn, now)
