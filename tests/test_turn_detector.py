@@ -245,6 +245,30 @@ def test_words_decoded_where_the_energy_fell_quiet_cover_the_pause(
     assert decisions[0.0].at_s >= end_s + 0.8, decisions
 
 
+def test_smart_turn_hears_the_pause_before_the_stop(
+    vad: SileroVadModel, smart_turn: SmartTurnModel
+) -> None:
+    """Smart Turn runs at Silero's first silent window, so its answer is in by the stop;
+    speech that goes on drops that early answer, and the next pause is heard afresh."""
+    first, second = speak("I would like to book a flight to,"), speak("Berlin, please.")
+    audio = np.concatenate([silence(0.4), first, silence(0.7), second, silence(2.0)])
+    records = {}
+    for early in (True, False):
+        det = detector(vad, None, smart_turn, early_audio=early, fast_audio_p=None)
+        for i in range(0, len(audio), FRAME):
+            det.push_events(audio[i : i + FRAME])
+        records[early] = list(det.stops)
+        assert len(records[early]) == 2 and len(det.model_ms) >= 2
+        for rec in records[early]:
+            assert rec.audio_ready_s is not None and rec.p_audio is not None
+            if early:  # heard when the silence began, before the stop was confirmed
+                assert rec.silence_since <= rec.audio_ready_s < rec.stop_at - 0.03, rec
+            else:
+                assert rec.audio_ready_s == rec.stop_at
+    # the same pauses, each heard once at its own silence
+    assert [r.silence_since for r in records[True]] == [r.silence_since for r in records[False]]
+
+
 def test_late_words_are_waited_for_not_dropped_as_noise(
     vad: SileroVadModel, semantic: SemanticTurnModel
 ) -> None:

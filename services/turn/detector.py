@@ -9,13 +9,13 @@ How a turn ends
 
 1. The VAD reports the speech stop after a short hangover (`vad_stop_ms`, 96 ms:
    three Silero windows).
-2. At that stop Smart Turn v3.2 hears the turn's audio once (45-100 ms on the
-   shared 2-core box). If it is very sure the turn is complete (P >= `fast_audio_p`)
-   the turn ends right there: the transcript of the last words is not out of the
-   ASR yet (its decode starts at the ASR's own VAD stop and takes another
-   ~75-170 ms), and waiting for it costs ~70 ms more.
+2. Smart Turn v3.2 hears the turn's audio once per pause (45-100 ms on the shared
+   2-core box), at Silero's first silent window rather than at the stop, so that
+   its answer is in by the stop (`early_audio`). If it is very sure the turn is
+   complete (P >= `fast_audio_p`) the turn ends at the stop: the transcript of
+   the last words may not be out of the ASR yet.
 3. Otherwise the detector waits for a *fresh* transcript (one whose audio reaches
-   the stop), scores it with the semantic model (`services/turn/semantic.py`) and
+   the silence, or the quiet energy just before it: the ASR decodes there), scores it with the semantic model (`services/turn/semantic.py`) and
    combines both: z = bias + w_audio * logit(P_audio) + w_text * logit(P_text).
    The silence the turn needs (counted from where the silence began) then adapts
    to P = sigmoid(z): `min_silence_s` (0: decide as soon as the words are scored)
@@ -133,6 +133,8 @@ class ParleyTurnConfig:
     account_compute: bool = False
     #: Raise SPECULATE for the words of each pause (see `speculate`).
     speculate: bool = True
+    #: Smart Turn hears the turn at Silero's first silent window, not at the stop.
+    early_audio: bool = True
     #: A transcript is fresh for a pause if its audio reaches the start of the quiet
     #: energy run that Silero's silence began at most this long after (0: only if it
     #: reaches Silero's silence). The ASR decodes at that quiet start (`asr.dip_ms`).
@@ -202,6 +204,9 @@ class _Turn:
     empty: bool = False  # the fresh transcript was empty
     heard: bool = False  # some non-empty transcript came during this turn
     record: StopRecord | None = None
+    #: Smart Turn heard at Silero's first silent window, before the stop is confirmed:
+    #: (where that silence began, the signal); used if the stop comes for that silence.
+    early_audio: tuple[float, _Signal] | None = None
 
 
 @dataclass(slots=True)
@@ -415,12 +420,13 @@ class ParleyTurnDetector:
                     self._turn = _Turn(start_s=ev.at_s)
                 else:
                     self._turn.silence_since = self._turn.stop_at = None
-                    self._turn.audio = self._turn.text = None
+                    self._turn.audio = self._turn.text = self._turn.early_audio = None
                     self._turn.empty = False
                 self.probability = 0.0
             elif self._turn is not None:
                 out.append(DetectorEvent(EventKind.SPEECH_END, ev.at_s))
                 self._on_stop(self._turn, ev.at_s, now)
+        self._hear_early(now)
         tr = self._transcript
         if tr.audio_end_s is not None and self._turn is not None:
             # Words decoded where the energy fell quiet arrive before Silero hears the
@@ -452,25 +458,43 @@ class ParleyTurnDetector:
         first = max(0, round(t_s * SAMPLE_RATE) - self._buffer_start)
         return audio[first:]
 
+    def _hear_turn(self, turn: _Turn, now: float) -> _Signal | None:
+        """Smart Turn on the turn's audio so far (None without the model)."""
+        if self.smart_turn is None:
+            return None
+        started = self._timer()
+        p = float(
+            self.smart_turn.probability(self._audio_since(turn.start_s - self.config.pre_speech_s))
+        )
+        ms = float(getattr(self.smart_turn, "last_ms", None) or (self._timer() - started) * 1000)
+        self.model_ms.append(ms)
+        return _Signal(p, self._ready(now, ms))
+
+    def _hear_early(self, now: float) -> None:
+        """Run Smart Turn at Silero's first silent window, not 64 ms later at the
+        confirmed stop: the words are often scored by then (the ASR decodes where
+        the energy fell quiet), and Smart Turn would be the last signal in."""
+        turn, pause = self._turn, self.vad.pending_silence_s
+        if not self.config.early_audio or turn is None or pause is None:
+            return
+        if turn.stop_at is not None or (turn.early_audio and turn.early_audio[0] == pause):
+            return
+        signal = self._hear_turn(turn, now)
+        turn.early_audio = None if signal is None else (pause, signal)
+
     def _on_stop(self, turn: _Turn, silence_since: float, now: float) -> None:
         turn.silence_since, turn.stop_at = silence_since, now
         turn.audio = turn.text = None
         turn.empty = False
         turn.record = StopRecord(silence_since, now, turn.start_s)
         self.stops.append(turn.record)
-        if self.smart_turn is not None:
-            started = self._timer()
-            p = float(
-                self.smart_turn.probability(
-                    self._audio_since(turn.start_s - self.config.pre_speech_s)
-                )
-            )
-            ms = float(
-                getattr(self.smart_turn, "last_ms", None) or (self._timer() - started) * 1000
-            )
-            self.model_ms.append(ms)
-            turn.audio = _Signal(p, self._ready(now, ms))
-            turn.record.p_audio, turn.record.audio_ready_s = p, turn.audio.ready_s
+        early, turn.early_audio = turn.early_audio, None
+        if early is not None and abs(early[0] - silence_since) < 1e-6:
+            turn.audio = early[1]  # heard when this silence began
+        else:
+            turn.audio = self._hear_turn(turn, now)
+        if turn.audio is not None:
+            turn.record.p_audio, turn.record.audio_ready_s = turn.audio.value, turn.audio.ready_s
         tr = self._transcript
         if tr.text and tr.score is not None and self._fresh(tr, turn):
             self._take_text(turn, tr)  # the transcript already covers this stop
