@@ -7,8 +7,8 @@ Frame-driven and plain Python (no asyncio, no gRPC), like the `Detector` protoco
 How a turn ends
 ---------------
 
-1. The VAD reports the speech stop after a short hangover (`vad_stop_ms`, 96 ms:
-   three Silero windows).
+1. The VAD reports the speech stop after a short hangover (`vad_stop_ms`, 64 ms:
+   two Silero windows).
 2. Smart Turn v3.2 hears the turn's audio once per pause (45-100 ms on the shared
    2-core box), at Silero's first silent window rather than at the stop, so that
    its answer is in by the stop (`early_audio`). If it is very sure the turn is
@@ -101,7 +101,7 @@ class TextTurnModel(Protocol):
 @dataclass(frozen=True, slots=True)
 class ParleyTurnConfig:
     #: Silence before the VAD reports a stop (Silero windows are 32 ms).
-    vad_stop_ms: int = 96
+    vad_stop_ms: int = 64
     #: Smart Turn alone ends the turn at the VAD stop when this sure (None: never).
     fast_audio_p: float | None = 0.98
     #: Combined P at and above which no further silence is needed.
