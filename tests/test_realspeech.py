@@ -67,3 +67,62 @@ def test_pocketsphinx_backend_decodes_real_speech(real_speech: Path) -> None:
     assert backend.decode(audio).text == "go forward ten meters"
     # Decoding is stateless between utterances: the same clip gives the same words again.
     assert backend.decode(audio).text == "go forward ten meters"
+
+
+async def _stream_fast(engine: AsrEngine, audio: np.ndarray) -> str:
+    """Stream `audio` in 20 ms frames as on an infinitely fast box (each decode done
+    before the next frame); every final of the stream, joined."""
+    from services.asr.engine import Transcript
+
+    stream, finals = engine.stream(), []
+    for i in range(0, len(audio), 320):
+        stream.push(audio[i : i + 320])
+        utt = stream._utterance
+        if utt is not None and utt.decoding is not None:
+            await utt.decoding
+        if stream._pending_final is not None:
+            await stream._pending_final
+        while not stream.events.empty():
+            ev = stream.events.get_nowait()
+            if isinstance(ev, Transcript) and ev.is_final:
+                finals.append(ev.text)
+    final = await stream.finalize()
+    return " ".join([*finals, final.text if final else ""]).strip()
+
+
+@needs_tools
+async def test_decoding_where_the_energy_falls_quiet_keeps_real_words(
+    real_speech: Path, asr_engine: AsrEngine
+) -> None:
+    """On real voices (room noise, breaths, telephone bandwidth) the energy dip still
+    comes before Silero's silence at most stops, and the words decoded there are the
+    words: streamed WER as without the dip (measured on all 41 clips: 4.9 % vs 5.9 %)."""
+    from parley.energy import EnergyTracker
+    from parley.vad import VadOptions, VadStream
+
+    utterances = load_corpus(real_speech)[::3]
+    pad = np.zeros(ASR_SAMPLE_RATE // 2, np.float32)
+    audios = [np.concatenate([pad, u.audio, pad, pad]) for u in utterances]
+    stops = covered = 0
+    for audio in audios:
+        vad, energy = (
+            VadStream(asr_engine.vad_model, VadOptions(min_silence_ms=32)),
+            EnergyTracker(),
+        )
+        for i in range(0, len(audio), 320):
+            energy.push(audio[i : i + 320])
+            for ev in vad.push(audio[i : i + 320]):
+                if not ev.speaking:
+                    stops += 1
+                    quiet = energy.quiet_since
+                    covered += quiet is not None and 0.0 <= ev.at_s - quiet <= 0.15
+    assert stops >= len(audios) and covered >= 0.5 * stops, (covered, stops)
+    without = AsrEngine(
+        asr_engine.config.model_copy(update={"dip_ms": 0}), backend=asr_engine.backend
+    )
+    refs = [u.text for u in utterances]
+    wer_dip = corpus_wer(refs, [await _stream_fast(asr_engine, a) for a in audios])
+    wer_no_dip = corpus_wer(refs, [await _stream_fast(without, a) for a in audios])
+    await without.close()
+    assert wer_dip is not None and wer_no_dip is not None
+    assert wer_dip < 0.15 and wer_dip <= wer_no_dip + 0.03, (wer_dip, wer_no_dip)

@@ -35,7 +35,7 @@ class EnergyOptions:
     #: Quiet this long (after speech) is a dip: the ASR decodes what it has.
     dip_ms: int = 30
     #: Quiet below this fraction of the way from the noise floor to the speech level (dB).
-    rel: float = 0.3
+    rel: float = 0.4
     #: ...and at least this far above the floor ("quiet" is never below the noise).
     min_db: float = 6.0
     #: Speech is a frame this far above the floor (a dip needs speech before it).
