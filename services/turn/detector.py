@@ -7,8 +7,8 @@ Frame-driven and plain Python (no asyncio, no gRPC), like the `Detector` protoco
 How a turn ends
 ---------------
 
-1. The VAD reports the speech stop after a short hangover (`vad_stop_ms`, 64 ms:
-   two Silero windows).
+1. The VAD reports the speech stop after a short hangover (`vad_stop_ms`, 96 ms:
+   three Silero windows).
 2. Smart Turn v3.2 hears the turn's audio once per pause (45-100 ms on the shared
    2-core box), at Silero's first silent window rather than at the stop, so that
    its answer is in by the stop (`early_audio`). If it is very sure the turn is
@@ -32,7 +32,8 @@ A fresh transcript that is empty (Whisper heard noise, a cough) ends the "turn"
 without a decision: there is nothing to answer. Backchannels ("mm-hm", "yeah",
 "uh huh", "okay" alone) are complete turns while the avatar is silent, but while
 it talks (`set_avatar_speaking(True)`) they are reported as BACKCHANNEL events and
-never end a turn.
+never end a turn; so are a hum or "uh" alone over the avatar (`is_filler`: Whisper
+tiny writes "mm-hmm" as "NMM" or "Hmm").
 
 Model compute is accounted in stream time: with `account_compute` (offline
 replays, faster than real time) a signal computed at stream time t is available
@@ -62,10 +63,23 @@ _BACKCHANNEL = re.compile(
 )
 
 
+#: A hum or a hesitation sound alone, as Whisper tiny writes them ("NMM", "Uh", "Hmm").
+_HUM = r"(?:uh+|um+|er+|h?m+|n+m+|mhm+)"
+_FILLER = re.compile(rf"^{_HUM}(?:[ ,.!?…]+{_HUM})*[ ,.!?…]*$")
+
+
 def is_backchannel(text: str) -> bool:
     """ "Mm hmm.", "Yeah.", "Uh-huh.", "Okay." alone (or a few of them): listener feedback."""
     norm = " ".join(text.lower().replace("-", " ").split())
     return bool(norm) and len(norm) <= 24 and bool(_BACKCHANNEL.match(norm))
+
+
+def is_filler(text: str) -> bool:
+    """A hum or "uh" alone. Over the avatar it is feedback, like a backchannel; with the
+    avatar silent it is not a turn of its own either (the user is thinking), so it is
+    *not* a backchannel: the text model hears it as unfinished."""
+    norm = " ".join(text.lower().replace("-", " ").split())
+    return bool(norm) and len(norm) <= 24 and bool(_FILLER.match(norm))
 
 
 class EventKind(Enum):
@@ -101,7 +115,7 @@ class TextTurnModel(Protocol):
 @dataclass(frozen=True, slots=True)
 class ParleyTurnConfig:
     #: Silence before the VAD reports a stop (Silero windows are 32 ms).
-    vad_stop_ms: int = 64
+    vad_stop_ms: int = 96
     #: Smart Turn alone ends the turn at the VAD stop when this sure (None: never).
     fast_audio_p: float | None = 0.98
     #: Combined P at and above which no further silence is needed.
@@ -367,7 +381,7 @@ class ParleyTurnDetector:
         turn = self._turn
         if not self.config.speculate or not text or turn is None or text == self._speculated:
             return None
-        if self.avatar_speaking and is_backchannel(text):
+        if self.avatar_speaking and (is_backchannel(text) or is_filler(text)):
             return None
         pause = turn.silence_since if turn.silence_since is not None else self.vad.pending_silence_s
         if pause is None or not self._covers(audio_end_s, pause):
@@ -556,8 +570,9 @@ class ParleyTurnDetector:
             self._reset()
             return DetectorEvent(EventKind.NOT_SPEECH, now)
         text = turn.text
-        if text is not None and now >= text.ready_s and is_backchannel(text.text):
-            if self.avatar_speaking:
+        if text is not None and now >= text.ready_s and self.avatar_speaking:
+            # Feedback over the avatar: "mm-hm", or Whisper's rendering of a hum ("NMM").
+            if is_backchannel(text.text) or is_filler(text.text):
                 self._reset()
                 return DetectorEvent(EventKind.BACKCHANNEL, text.ready_s, 0.0, "", text.text)
         combined = self._combined(turn)
@@ -629,6 +644,7 @@ __all__ = [
     "ParleyTurnDetector",
     "SpeculationTally",
     "is_backchannel",
+    "is_filler",
     "logit",
     "sigmoid",
 ]
