@@ -150,6 +150,16 @@ async def test_asr_decodes_where_the_energy_falls_quiet(
     assert decoded_to[0][-1] >= 0.0, decoded_to
 
 
+def test_asr_config_dip_is_off_or_a_whole_frame() -> None:
+    from pydantic import ValidationError
+
+    from services.asr.config import AsrConfig
+
+    assert AsrConfig(dip_ms=0).dip_ms == 0 and AsrConfig(dip_ms=10).dip_ms == 10
+    with pytest.raises(ValidationError, match="dip_ms"):
+        AsrConfig(dip_ms=5)
+
+
 async def test_finalize_waits_for_the_final_the_endpointer_started(
     asr_engine: AsrEngine, tts_engine: TtsEngine
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class AsrConfig(BaseModel):
@@ -37,6 +37,7 @@ class AsrConfig(BaseModel):
     #: ~4 ms after the words end, where Silero hears the silence ~60 ms later. A dip
     #: inside a word only buys an early partial (`parley.energy`).
     dip_ms: int = Field(default=30, ge=0, le=500)
+
     #: A decode that reaches the start of the quiet run covers Silero's stop if the
     #: run began at most this long before it (Silero's lag, not a soft last word).
     quiet_lag_s: float = Field(default=0.15, ge=0.0, le=0.5)
@@ -48,3 +49,10 @@ class AsrConfig(BaseModel):
     preroll_s: float = Field(default=0.25, ge=0.0, le=1.0)
     #: A decode whose no-speech probability is above this is dropped (noise, breath).
     no_speech_threshold: float = Field(default=0.6, ge=0.0, le=1.0)
+
+    @field_validator("dip_ms")
+    @classmethod
+    def _dip_off_or_a_frame(cls, value: int) -> int:
+        if 0 < value < 10:
+            raise ValueError("dip_ms must be 0 (off) or at least 10 (one energy frame)")
+        return value

@@ -297,6 +297,10 @@ class ParleyTurnDetector:
         self.config = cfg = config or ParleyTurnConfig()
         self.vad: VadStream = VadStream(vad_model, VadOptions(min_silence_ms=cfg.vad_stop_ms))
         self.energy = EnergyTracker()
+        #: (pause start, where the energy fell quiet before it) as seen when the pause
+        #: began, as the ASR judges it at its own stop: a breath or click later in the
+        #: pause must not undo a judgement the ASR will not revisit.
+        self._pause_quiet: tuple[float, float | None] | None = None
         self.smart_turn = smart_turn
         self.semantic = semantic
         self._timer = timer
@@ -404,7 +408,14 @@ class ParleyTurnDetector:
 
     def _covers(self, audio_end_s: float, pause_s: float) -> bool:
         """Audio decoded up to `audio_end_s` holds every word before the pause."""
-        return quiet_covers(audio_end_s, pause_s, self.energy.quiet_since, self.config.quiet_lag_s)
+        quiet = self._quiet_before(pause_s)
+        return quiet_covers(audio_end_s, pause_s, quiet, self.config.quiet_lag_s)
+
+    def _quiet_before(self, pause_s: float) -> float | None:
+        seen = self._pause_quiet
+        if seen is None or abs(seen[0] - pause_s) > 1e-6:
+            seen = self._pause_quiet = (pause_s, self.energy.quiet_since)
+        return seen[1]
 
     def _ready(self, at_s: float, ms: float) -> float:
         return at_s + (ms / 1000.0 if self.config.account_compute else 0.0)
@@ -440,6 +451,8 @@ class ParleyTurnDetector:
             elif self._turn is not None:
                 out.append(DetectorEvent(EventKind.SPEECH_END, ev.at_s))
                 self._on_stop(self._turn, ev.at_s, now)
+        if self.vad.pending_silence_s is not None:
+            self._quiet_before(self.vad.pending_silence_s)  # judged as the pause begins
         self._hear_early(now)
         tr = self._transcript
         if tr.audio_end_s is not None and self._turn is not None:
