@@ -275,7 +275,7 @@ def test_smart_turn_hears_the_pause_before_the_stop(
         for i in range(0, len(audio), FRAME):
             det.push_events(audio[i : i + FRAME])
         records[early] = list(det.stops)
-        assert len(records[early]) == 2 and len(det.model_ms) >= 2
+        assert len(records[early]) >= 2 and len(det.model_ms) >= 2  # (piper may pause twice)
         for rec in records[early]:
             assert rec.audio_ready_s is not None and rec.p_audio is not None
             if early:  # heard when the silence began, before the stop was confirmed
