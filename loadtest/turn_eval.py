@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from parley.energy import EnergyOptions, EnergyTracker, quiet_covers
+from parley.energy import EnergyOptions, EnergyTracker
 from parley.errors import InvalidInput
 from parley.vad import SileroVadModel, VadOptions, VadStream
 
@@ -332,12 +332,10 @@ class SimulatedAsr:
     def _on_speech_stop(self, utt: _SimUtterance, silence_s: float, now: float) -> None:
         utt.speaking = False
         utt.last_speech_end = round(silence_s * SR)
-        quiet = self.energy.quiet_since if self.energy is not None else None
-        utt.quiet_from = (
-            round(quiet * SR)
-            if quiet is not None and quiet_covers(quiet, silence_s, quiet, self.config.quiet_lag_s)
-            else None
+        quiet = (
+            self.energy.quiet_before(silence_s, self.config.quiet_lag_s) if self.energy else None
         )
+        utt.quiet_from = None if quiet is None else round(quiet * SR)
         end = self._speech_end(utt)
         running = utt.decoding is not None and utt.decoding[0] > now
         if utt.decoded_upto >= end or (

@@ -79,6 +79,11 @@ def test_quiet_since_follows_the_ongoing_quiet_run() -> None:
     tracker.push(np.zeros(SR // 5, np.float32))
     quiet = tracker.quiet_since
     assert quiet is not None and abs(quiet - 1.1) <= 0.011
+    # Silero's pause 60 ms later: the words end at the quiet; 200 ms later (a soft word
+    # Silero still heard) or before the quiet began: not known
+    assert tracker.quiet_before(quiet + 0.06, 0.15) == quiet
+    assert tracker.quiet_before(quiet + 0.2, 0.15) is None
+    assert tracker.quiet_before(quiet - 0.01, 0.15) is None
     tracker.push(burst(0.1, -20, rng))  # speech again: the run is broken
     assert tracker.quiet_since is None
 

@@ -73,6 +73,15 @@ class EnergyTracker:
         loud (or no speech was ever heard)."""
         return None if self._quiet_from is None else self._quiet_from * FRAME / SAMPLE_RATE
 
+    def quiet_before(self, pause_s: float, max_lag_s: float) -> float | None:
+        """Where the ongoing quiet run began, if at most `max_lag_s` before a pause that
+        Silero heard begin at `pause_s` (its lag, not a soft word it still heard as
+        speech); None otherwise. The words before the pause end there."""
+        quiet = self.quiet_since
+        if quiet is None or quiet > pause_s + 1e-6 or pause_s - quiet > max_lag_s + 1e-6:
+            return None
+        return quiet
+
     def push(self, samples: np.ndarray) -> list[float]:
         """Consume audio; return the stream times (s) at which dips were confirmed."""
         buf = np.concatenate([self._pending, np.asarray(samples, np.float32)])

@@ -3,10 +3,11 @@
 While the user speaks, the growing utterance is re-decoded every
 `partial_interval_s` (partials). When the VAD hears the speech stop, the whole
 utterance is decoded at once (or sooner: at the first 30 ms of quiet energy, see
-`parley.energy`; Silero hears the silence ~60 ms after the words end), so that by the time the turn detector decides the
-user is done, the final transcript is usually already there: `finalize()` then
-costs nothing. Utterances end on `finalize()`, after `endpoint_silence_s`, or at
-`max_utterance_s` (long monologues are transcribed in pieces).
+`parley.energy`; Silero hears the silence ~60 ms after the words end), so that by
+the time the turn detector decides the user is done, the final transcript is
+usually already there: `finalize()` then costs nothing. Utterances end on
+`finalize()`, after `endpoint_silence_s`, or at `max_utterance_s` (long
+monologues are transcribed in pieces).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 from parley import clock, metrics
-from parley.energy import EnergyOptions, EnergyTracker, quiet_covers
+from parley.energy import EnergyOptions, EnergyTracker
 from parley.vad import SAMPLE_RATE, SileroVadModel, VadOptions, VadStream
 
 from services.asr.config import AsrConfig
@@ -196,12 +197,10 @@ class AsrStream:
         utt.speaking = False
         utt.last_speech_end = int(silence_s * SAMPLE_RATE)
         # Energy fell quiet a little before Silero's silence (its lag): the words end there.
-        quiet = self.energy.quiet_since if self.energy is not None else None
-        utt.quiet_from = (
-            round(quiet * SAMPLE_RATE)
-            if quiet is not None and quiet_covers(quiet, silence_s, quiet, self.config.quiet_lag_s)
-            else None
+        quiet = (
+            self.energy.quiet_before(silence_s, self.config.quiet_lag_s) if self.energy else None
         )
+        utt.quiet_from = None if quiet is None else round(quiet * SAMPLE_RATE)
         end = self._speech_end(utt)
         running = utt.decoding is not None and not utt.decoding.done()
         if utt.decoded_upto >= end or (running and utt.decode_started_at >= end):
