@@ -126,3 +126,39 @@ async def test_decoding_where_the_energy_falls_quiet_keeps_real_words(
     await without.close()
     assert wer_dip is not None and wer_no_dip is not None
     assert wer_dip < 0.15 and wer_dip <= wer_no_dip + 0.03, (wer_dip, wer_no_dip)
+
+
+@needs_tools
+def test_human_turn_case_set_is_built_from_the_real_clips(
+    real_speech: Path, tmp_path: Path
+) -> None:
+    from loadtest.human_turns import build_human_turn_cases
+    from loadtest.turn_cases import load_turn_cases
+
+    out = build_human_turn_cases(tmp_path / "human", real_speech)
+    cases = load_turn_cases(out)
+    assert len(cases) == 14 and sum(len(c.turn_ends) for c in cases) == 41
+    assert {c.split for c in cases} == {"train", "test"}
+    kinds = {k for c in cases for k in c.turn_kinds}
+    assert kinds == {"prompt", "prompt_sentences", "read", "command", "speech"}
+    sr = ASR_SAMPLE_RATE
+
+    def dbfs(x: np.ndarray) -> float:
+        return float(20 * np.log10(np.sqrt(np.mean(x**2)) + 1e-12))
+
+    for case in cases:
+        bounds = list(zip(case.turn_starts, case.turn_ends, strict=True))
+        for i, (start, end) in enumerate(bounds):
+            speech = case.audio[round(start * sr) : round(end * sr)]
+            assert dbfs(speech) > -40, (case.path.name, i)
+            # Between turns only the room: quiet, but never digital silence.
+            gap_end = bounds[i + 1][0] if i + 1 < len(bounds) else case.duration_s
+            gap = case.audio[round((end + 0.1) * sr) : round((gap_end - 0.1) * sr)]
+            assert -70 < dbfs(gap) < -55, (case.path.name, i)
+        for a, b in case.pauses:  # inside a turn, and quieter than its speech
+            assert any(s < a < b < e for s, e in bounds)
+    jfk = next(c for c in cases if "speech" in c.turn_kinds)
+    i = jfk.turn_kinds.index("speech")
+    inside = [p for p in jfk.pauses if jfk.turn_starts[i] < p[0] < jfk.turn_ends[i]]
+    assert len(inside) >= 2  # "And so my fellow Americans, | ask not ..., | ask what ..."
+    assert build_human_turn_cases(out, real_speech) == out  # built once

@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         "turns", help="end-of-turn detectors vs fixed silence and Smart Turn on a case set"
     )
     trn.add_argument("--cases", type=Path, default=None,
-                     help="WAVs + manifest.jsonl with turn_ends; default: the built-in set")  # fmt: skip
+                     help="WAVs + manifest.jsonl with turn_ends; default: --set's")  # fmt: skip
+    trn.add_argument("--set", choices=("tts", "human", "both"), default="tts",
+                     help="built-in set without --cases: piper-voiced (tts), recordings of"
+                          " people (human) or both (the defaults are tuned on both)")  # fmt: skip
     trn.add_argument("--json", type=Path, required=True)
     trn.add_argument("--live", choices=("none", "test", "all"), default="test",
                      help="also replay these files in real time through the real ASR")  # fmt: skip
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.bench == "turns":
             from loadtest import turn_eval
 
-            argv_turns = ["--json", str(args.json), "--live", args.live]
+            argv_turns = ["--json", str(args.json), "--live", args.live, "--set", args.set]
             if args.cases is not None:
                 argv_turns += ["--cases", str(args.cases)]
             if args.tune:
