@@ -15,15 +15,19 @@ How a turn ends
    complete (P >= `fast_audio_p`) the turn ends at the stop: the transcript of
    the last words may not be out of the ASR yet.
 3. Otherwise the detector waits for a *fresh* transcript (one whose audio reaches
-   the silence, or the quiet energy just before it: the ASR decodes there), scores it with the semantic model (`services/turn/semantic.py`) and
-   combines both: z = bias + w_audio * logit(P_audio) + w_text * logit(P_text).
+   the silence, or the quiet energy just before it: the ASR decodes there),
+   scores it with the semantic model (`services/turn/semantic.py`) and combines
+   both: z = bias + w_audio * logit(P_audio) + w_text * logit(P_text).
    The silence the turn needs (counted from where the silence began) then adapts
-   to P = sigmoid(z): `min_silence_s` (0: decide as soon as the words are scored)
-   from `complete_p` up, `max_silence_s` (1.8 s: "I'd like to book... um...") at
-   `incomplete_p` and below, log-linear in between.
+   to P = sigmoid(z): `min_silence_s` (0.25 s) from `complete_p` up,
+   `max_silence_s` (1.8 s: "I'd like to book... um...") at `incomplete_p` and
+   below, log-linear in between. People pause for 0.1-0.3 s inside a turn after
+   words both models call finished ("There is a temporary greeting, | which...");
+   answering sooner than 0.25 s cut them off at half their turns.
 
-The defaults are tuned on the train split of the turn case set
-(`python -m loadtest.turn_eval --tune`; held-out figures in that module's report).
+The thresholds are tuned on the train splits of both turn case sets, piper's and
+people's (`parley bench turns --set both --tune`; held-out figures in
+docs/benchmarks.md); the models' weights on piper's.
 4. Whatever the models say, `silence_cap_s` of silence ends a turn (it never hangs),
    and a turn that goes on for `max_turn_s` is cut (a monologue); the talker's next
    words start a new turn at once.
@@ -122,8 +126,9 @@ class ParleyTurnConfig:
     complete_p: float = 0.8
     #: Combined P at and below which `max_silence_s` is needed.
     incomplete_p: float = 0.6
-    #: Silence (from the speech stop) needed at `complete_p`.
-    min_silence_s: float = 0.0
+    #: Silence (from where it began) needed at `complete_p`: people's pauses inside
+    #: a turn are mostly shorter (`parley bench turns --set human`).
+    min_silence_s: float = 0.25
     #: Silence needed at `incomplete_p` ("I'd like to book a flight to ...").
     max_silence_s: float = 1.8
     #: Without a fresh transcript this long after the stop, decide on the audio alone.
