@@ -89,3 +89,50 @@ to the first avatar audio frame leaving the engine. Memory: {report["memory_mb"]
 <th>avatar replied</th>{head}</tr>{"".join(rows)}</table>
 </body></html>"""
     )
+
+
+#: How the detectors in a `parley bench turns` table are drawn: (label, colour, marker).
+TURN_DETECTORS = {
+    "silence_500ms": ("silence 500 ms", "#90a4ae", "s"),
+    "silence_800ms": ("silence 800 ms", "#607d8b", "s"),
+    "smart_turn_v3.2": ("Smart Turn v3.2 alone", "#ff8a65", "D"),
+    "parley_vad+semantic": ("Parley, VAD + text", "#9fa8da", "o"),
+    "parley_vad+semantic+smart_turn": ("Parley (shipped)", "#3949ab", "*"),
+}
+
+
+def write_turn_tradeoff(
+    path: Path, table: dict[str, dict[str, Any]], sweep: list[dict[str, Any]], title: str
+) -> None:
+    """False cut-ins against end-of-turn p50: each detector as a point, Parley as a curve
+    over its wait before a confident end (`min_silence_s`), the dial operators can turn."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    xs = [r["latency_p50_ms"] for r in sweep if r["latency_p50_ms"] is not None]
+    ys = [r["false_cut_ins_per_100_turns"] for r in sweep if r["latency_p50_ms"] is not None]
+    ax.plot(xs, ys, "-", color="#3949ab", alpha=0.5, label="Parley, min_silence_s swept")
+    for r in sweep:
+        if r["latency_p50_ms"] is not None:
+            ax.annotate(
+                f"{r['min_silence_s']:.2f} s",
+                (r["latency_p50_ms"], r["false_cut_ins_per_100_turns"]),
+                textcoords="offset points", xytext=(4, 4), fontsize=7, color="#3949ab",
+            )  # fmt: skip
+    for name, (label, color, marker) in TURN_DETECTORS.items():
+        row = table.get(name)
+        if row is None or row["latency_p50_ms"] is None:
+            continue
+        missed = f", {row['missed_turns']} missed" if row["missed_turns"] else ""
+        ax.scatter(
+            row["latency_p50_ms"], row["false_cut_ins_per_100_turns"], s=90 if marker == "*" else 45,
+            color=color, marker=marker, zorder=3, label=f"{label}{missed}",
+        )  # fmt: skip
+    ax.set_xlabel("end of turn, p50 ms after the true end")
+    ax.set_ylabel("false cut-ins per 100 turns")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1125,6 +1125,24 @@ def stop_aucs(stops: Sequence[StopSample], config: ParleyTurnConfig) -> dict[str
 
 
 SETS = ("tts", "human", "both")
+#: The waits before a confident end that `main` sweeps for the trade-off plot.
+SWEEP_MIN_SILENCE_S = (0.0, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
+
+
+def sweep_min_silence(
+    cases: Sequence[TurnCase],
+    models: Models,
+    config: ParleyTurnConfig,
+    values: Sequence[float] = SWEEP_MIN_SILENCE_S,
+) -> list[dict[str, Any]]:
+    """Parley's score for each wait before a confident end, the other settings as given."""
+    out = []
+    for value in values:
+        trial = replace(config, min_silence_s=value, max_silence_s=max(value, config.max_silence_s))
+        score, _ = run_parley(cases, models, trial, smart_turn=True)
+        out.append({"min_silence_s": value, **score.summary()})
+    models.cache.save()
+    return out
 
 
 def builtin_cases(name: str, progress: Callable[[str], None] | None = None) -> list[TurnCase]:
@@ -1239,6 +1257,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         results_table.setdefault(split, {})[live["detector"]] = live
     report["results"] = results_table
     print_table(results_table)
+    say("sweeping the wait before a confident end (min_silence_s) over all files")
+    sweep = sweep_min_silence(cases, models, config)
+    report["min_silence_sweep"] = [
+        {k: r[k] for k in ("min_silence_s", "false_cut_ins_per_100_turns", "missed_turns",
+                           "latency_p50_ms", "latency_p95_ms")}
+        for r in sweep
+    ]  # fmt: skip
+    from loadtest.report import write_turn_tradeoff
+
+    plot = args.json.with_suffix(".png")
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    set_name = str(args.cases) if args.cases is not None else f"built-in set '{args.set}'"
+    write_turn_tradeoff(
+        plot, results_table["all"], sweep, f"{set_name}: {len(cases)} files, all turns"
+    )
+    say(f"wrote {plot}")
     say(json.dumps(report["timings"], indent=1))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1, default=str))

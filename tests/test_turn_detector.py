@@ -7,6 +7,7 @@ is off), so nothing here depends on how fast the shared test machine is.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -428,12 +429,14 @@ def test_clipped_hot_mic_still_works(
 
 
 def test_simulated_live_asr_drives_the_detector(
-    vad: SileroVadModel, semantic: SemanticTurnModel, smart_turn: SmartTurnModel
+    vad: SileroVadModel,
+    semantic: SemanticTurnModel,
+    smart_turn: SmartTurnModel,
+    tmp_path: Path,
 ) -> None:
     """The offline harness of loadtest/turn_eval.py: real Whisper decodes replayed at
     the live ASR's timing feed the detector; a question and a hesitation turn."""
-    from pathlib import Path
-
+    from loadtest.report import write_turn_tradeoff
     from loadtest.turn_cases import TurnCase
     from loadtest.turn_eval import (
         CachedSemantic,
@@ -445,6 +448,7 @@ def test_simulated_live_asr_drives_the_detector(
         label_stops,
         memo_vad,
         run_parley,
+        sweep_min_silence,
     )
 
     question = speak("What is the capital of France?")
@@ -481,3 +485,11 @@ def test_simulated_live_asr_drives_the_detector(
     # quiet or at the ASR's stop (both before the turn's VAD stop): after the silence began
     assert all((s.text_ready or 0) > s.silence_since for s in stops if s.text)
     assert auc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0 and auc([0.5, 0.5], [1, 0]) == 0.5
+    # The trade-off sweep: a longer wait before a confident end answers later.
+    fast, slow = sweep_min_silence([case], models, ParleyTurnConfig(), values=(0.0, 0.4))
+    assert slow["latency_p50_ms"] >= 400 > fast["latency_p50_ms"], (fast, slow)
+    plot = tmp_path / "tradeoff.png"
+    write_turn_tradeoff(
+        plot, {"parley_vad+semantic+smart_turn": score.summary()}, [fast, slow], "t"
+    )
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
