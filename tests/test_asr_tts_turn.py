@@ -251,7 +251,7 @@ async def test_turn_waits_longer_mid_sentence(
     turn_engine: TurnEngine, tts_engine: TtsEngine
 ) -> None:
     """The same audio ends a turn sooner when its words read complete (real models)."""
-    speech = await say(tts_engine, "I would like to book a flight")
+    speech = await say(tts_engine, "Can you book me a flight to Berlin")
     audio = np.concatenate([np.zeros(SR // 4, np.float32), speech, np.zeros(SR * 3, np.float32)])
 
     # Without Smart Turn's fast path: TTS audio sounds finished either way, so here the
@@ -275,9 +275,9 @@ async def test_turn_waits_longer_mid_sentence(
                     return ev.at_s - speech_end, ev
         raise AssertionError("no end of turn")
 
-    complete, ev_complete = await end_of_turn_after("I would like to book a flight.")
-    incomplete, ev_incomplete = await end_of_turn_after("I would like to book a flight to")
-    assert ev_complete.text == "I would like to book a flight."
+    complete, ev_complete = await end_of_turn_after("Can you book me a flight to Berlin?")
+    incomplete, ev_incomplete = await end_of_turn_after("Can you book me a flight to")
+    assert ev_complete.text == "Can you book me a flight to Berlin?"
     assert ev_complete.probability > ev_incomplete.probability
     assert complete < 0.35
     assert incomplete > complete + 0.5

@@ -100,14 +100,10 @@ async def test_full_turn_over_grpc(
         assert avatar_samples > 0.3 * 24_000  # the avatar said something audible
         assert len(latencies) == 1
         lat = latencies[0]
-        # Milestones come in pipeline order.
-        assert (
-            0
-            < lat.end_of_turn_s
-            <= lat.llm_first_token_s
-            <= lat.tts_first_audio_s
-            <= lat.first_output_s
-        )
+        # Milestones come in pipeline order; a speculative reply may generate while the
+        # detector waits out the pause, so its first token can precede the end of turn.
+        assert 0 < lat.end_of_turn_s <= lat.first_output_s
+        assert 0 < lat.llm_first_token_s <= lat.tts_first_audio_s <= lat.first_output_s
         ended = await stub.EndSession(sessions_pb2.EndSessionRequest(session_id=session.session_id))
         assert ended.state == sessions_pb2.Session.ENDED
 

@@ -172,7 +172,7 @@ async def test_turn_service_scores_the_transcript_at_end_of_turn(
     channel: grpc.aio.Channel, tts_engine: TtsEngine
 ) -> None:
     stub = turn_pb2_grpc.TurnStub(channel)
-    audio = await speech(tts_engine, "I would like to book a flight", tail_s=3.5)
+    audio = await speech(tts_engine, "Can you book me a flight to Berlin", tail_s=3.5)
     parts = chunks(audio)
 
     async def end_of_turn(transcript: str) -> turn_pb2.TurnEvent:
@@ -195,9 +195,9 @@ async def test_turn_service_scores_the_transcript_at_end_of_turn(
                 return ev
         raise AssertionError("no end of turn")
 
-    complete = await end_of_turn("I would like to book a flight.")
-    incomplete = await end_of_turn("I would like to book a flight to")
-    assert complete.text == "I would like to book a flight."
+    complete = await end_of_turn("Can you book me a flight to Berlin?")
+    incomplete = await end_of_turn("Can you book me a flight to")
+    assert complete.text == "Can you book me a flight to Berlin?"
     assert complete.end_of_turn_probability > incomplete.end_of_turn_probability + 0.2
     assert complete.at_s < incomplete.at_s - 0.5  # a dangling "to" waits for more
 

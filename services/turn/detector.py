@@ -12,22 +12,23 @@ How a turn ends
 2. Smart Turn v3.2 hears the turn's audio once per pause (45-100 ms on the shared
    2-core box), at Silero's first silent window rather than at the stop, so that
    its answer is in by the stop (`early_audio`). If it is very sure the turn is
-   complete (P >= `fast_audio_p`) the turn ends at the stop: the transcript of
-   the last words may not be out of the ASR yet.
+   complete (P >= `fast_audio_p`) the turn ends once `min_silence_s` has passed:
+   the transcript of the last words may not be out of the ASR yet.
 3. Otherwise the detector waits for a *fresh* transcript (one whose audio reaches
    the silence, or the quiet energy just before it: the ASR decodes there),
    scores it with the semantic model (`services/turn/semantic.py`) and combines
    both: z = bias + w_audio * logit(P_audio) + w_text * logit(P_text).
    The silence the turn needs (counted from where the silence began) then adapts
-   to P = sigmoid(z): `min_silence_s` (0.25 s) from `complete_p` up,
-   `max_silence_s` (1.8 s: "I'd like to book... um...") at `incomplete_p` and
+   to P = sigmoid(z): `min_silence_s` (0.15 s) from `complete_p` up,
+   `max_silence_s` (1.5 s: "I'd like to book... um...") at `incomplete_p` and
    below, log-linear in between. People pause for 0.1-0.3 s inside a turn after
-   words both models call finished ("There is a temporary greeting, | which...");
-   answering sooner than 0.25 s cut them off at half their turns.
+   words both models call finished ("There is a temporary greeting, | which..."):
+   answering at the stop cut them off at half their turns, and the combination,
+   fitted on their pauses too, is less sure of either model.
 
-The thresholds are tuned on the train splits of both turn case sets, piper's and
-people's (`parley bench turns --set both --tune`; held-out figures in
-docs/benchmarks.md); the models' weights on piper's.
+The combination and thresholds are tuned on the train splits of both turn case
+sets, piper's and people's; the text model's calibration on piper's
+(`parley bench turns --set both --tune`; held-out figures in docs/benchmarks.md).
 4. Whatever the models say, `silence_cap_s` of silence ends a turn (it never hangs),
    and a turn that goes on for `max_turn_s` is cut (a monologue); the talker's next
    words start a new turn at once.
@@ -120,17 +121,17 @@ class TextTurnModel(Protocol):
 class ParleyTurnConfig:
     #: Silence before the VAD reports a stop (Silero windows are 32 ms).
     vad_stop_ms: int = 96
-    #: Smart Turn alone ends the turn at the VAD stop when this sure (None: never).
+    #: Smart Turn alone ends the turn (after `min_silence_s`) when this sure (None: never).
     fast_audio_p: float | None = 0.98
     #: Combined P at and above which no further silence is needed.
-    complete_p: float = 0.8
+    complete_p: float = 0.7
     #: Combined P at and below which `max_silence_s` is needed.
     incomplete_p: float = 0.6
-    #: Silence (from where it began) needed at `complete_p`: people's pauses inside
-    #: a turn are mostly shorter (`parley bench turns --set human`).
-    min_silence_s: float = 0.25
+    #: Silence (from where it began) needed at `complete_p`: people pause for 0.1-0.3 s
+    #: inside a turn after words both models call finished (`--set human`).
+    min_silence_s: float = 0.15
     #: Silence needed at `incomplete_p` ("I'd like to book a flight to ...").
-    max_silence_s: float = 1.8
+    max_silence_s: float = 1.5
     #: Without a fresh transcript this long after the stop, decide on the audio alone.
     transcript_wait_s: float = 0.8
     #: Hard cap: this much silence always ends a turn.
@@ -138,9 +139,9 @@ class ParleyTurnConfig:
     #: A turn longer than this is ended while the user still talks (and a new one starts).
     max_turn_s: float = 30.0
     #: Logistic combination of the two models' log-odds.
-    bias: float = -0.259
-    w_audio: float = 0.303
-    w_text: float = 0.705
+    bias: float = -0.518
+    w_audio: float = 0.111
+    w_text: float = 0.434
     #: Backchannel-only transcripts count as complete turns with this P (avatar silent).
     backchannel_p: float = 0.9
     #: Audio before the turn's first speech that Smart Turn hears (pipecat: 0.5 s).
