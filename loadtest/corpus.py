@@ -96,7 +96,7 @@ def loud_frames(
     audio: np.ndarray,
     sample_rate: int = ASR_SAMPLE_RATE,
     *,
-    below_peak_db: float = 26.0,
+    below_peak_db: float = 26.0206,  # 5 % of the peak RMS
     over_floor: float = 3.0,
     floor_percentile: float = 10.0,
 ) -> np.ndarray:
@@ -123,7 +123,7 @@ def speech_bounds(
     audio: np.ndarray,
     sample_rate: int = ASR_SAMPLE_RATE,
     *,
-    below_peak_db: float = 26.0,
+    below_peak_db: float = 26.0206,  # 5 % of the peak RMS
     over_floor: float = 3.0,
     floor_percentile: float = 10.0,
 ) -> tuple[int, int]:

@@ -16,10 +16,11 @@ Clips are cut to their speech (energy within 40 dB of the peak: a person's
 last sound fades slowly) with 60 ms either side, set to one
 peak level per file, and joined by 2-3 s gaps where the avatar would answer.
 Low room noise runs under the whole file so that no gap is digital silence.
-Half the files (seeded) are `split: train`: the thresholds that trade latency for
-politeness are tuned on them together with the piper set's train split (human
-pauses inside a turn are mostly 0.1-0.4 s, piper's set has none that short); the
-models' weights are not fitted on them.
+Half the files (seeded) are `split: train`: the combination of the two models and
+the thresholds that trade latency for politeness are tuned on them together with
+the piper set's train split (human pauses inside a turn are mostly 0.1-0.4 s;
+piper's set lists none that short). The text model's calibration is not fitted on
+them: their pauses often follow words complete as text.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 from parley.audio import read_audio, write_wav
 
-from loadtest.corpus import loud_frames, speech_bounds
+from loadtest.corpus import loud_frames
 from loadtest.realspeech import DEFAULT_DIR as REAL_SPEECH_DIR
 from loadtest.realspeech import build_real_speech
 from loadtest.turn_cases import SR, _background
@@ -51,6 +52,7 @@ MARGIN_S = 0.06  # kept either side of the energy bounds: onsets and soft last s
 #: person's last sound decays for 100 ms or more below the -26 dB that bounds piper's.
 ENERGY = {"below_peak_db": 40.0, "over_floor": 4.0, "floor_percentile": 2.0}
 MIN_PAUSE_S = 0.15  # quiet this long inside a clip is listed as an in-turn pause
+MIN_TAIL_S = 0.05
 ROOM_DBFS = -62.0
 
 
@@ -77,17 +79,20 @@ def in_clip_pauses(audio: np.ndarray, min_pause_s: float = MIN_PAUSE_S) -> list[
     return out
 
 
-def _bounds(audio: np.ndarray) -> tuple[int, int]:
-    return speech_bounds(audio, SR, **ENERGY)
-
-
-def _speech(audio: np.ndarray) -> tuple[np.ndarray, int, int]:
+def _speech(audio: np.ndarray) -> tuple[np.ndarray, int, int, list[tuple[int, int]]]:
     """The clip cut to its speech plus the margin, peak-normalised, with 5 ms fades;
-    and where in it the speech starts and ends (bounds taken on the whole clip, whose
-    silences give the true noise floor)."""
-    start, end = _bounds(audio)
-    if end <= start:
+    where in it the speech starts and ends, and its pauses. All are measured on the
+    whole clip, whose silences give the true noise floor. A last sound shorter than
+    `MIN_TAIL_S` after a pause is a click or a breath: the words ended before it."""
+    loud = np.flatnonzero(loud_frames(audio, SR, **ENERGY))
+    if not len(loud):
         raise ValueError("clip has no speech")
+    win = SR // 100
+    pauses = in_clip_pauses(audio)
+    while pauses and (int(loud[-1]) + 1) * win - pauses[-1][1] < MIN_TAIL_S * SR:
+        cut = pauses.pop()[0]
+        loud = loud[loud * win < cut]
+    start, end = int(loud[0]) * win, (int(loud[-1]) + 1) * win
     margin = round(MARGIN_S * SR)
     lo = max(0, start - margin)
     piece = audio[lo : min(len(audio), end + margin)].astype(np.float32)
@@ -96,7 +101,7 @@ def _speech(audio: np.ndarray) -> tuple[np.ndarray, int, int]:
     ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
     piece[:fade] *= ramp
     piece[len(piece) - fade :] *= ramp[::-1]
-    return piece, start - lo, end - lo
+    return piece, start - lo, end - lo, [(a - lo, b - lo) for a, b in pauses]
 
 
 def _render(
@@ -116,12 +121,11 @@ def _render(
 
     silence(rng.uniform(0.5, 1.0))
     for clip in clips:
-        piece, first, last = _speech(clip["audio"])
+        piece, first, last, inside = _speech(clip["audio"])
         piece *= level
         starts.append((pos + first) / SR)
         ends.append((pos + last) / SR)
-        for a, b in in_clip_pauses(piece[first:last]):
-            pauses.append([round((pos + first + a) / SR, 3), round((pos + first + b) / SR, 3)])
+        pauses += [[round((pos + a) / SR, 3), round((pos + b) / SR, 3)] for a, b in inside]
         parts.append(piece)
         pos += len(piece)
         silence(rng.uniform(2.0, 3.0))  # the avatar would answer here

@@ -97,7 +97,7 @@ TURN_DETECTORS = {
     "silence_800ms": ("silence 800 ms", "#607d8b", "s"),
     "smart_turn_v3.2": ("Smart Turn v3.2 alone", "#ff8a65", "D"),
     "parley_vad+semantic": ("Parley, VAD + text", "#9fa8da", "o"),
-    "parley_vad+semantic+smart_turn": ("Parley (shipped)", "#3949ab", "*"),
+    "parley_vad+semantic+smart_turn": ("Parley (this config)", "#3949ab", "*"),
 }
 
 
@@ -112,8 +112,9 @@ def write_turn_tradeoff(
     ax.plot(xs, ys, "-", color="#3949ab", alpha=0.5, label="Parley, min_silence_s swept")
     for r in sweep:
         if r["latency_p50_ms"] is not None:
+            missed = f", {r['missed_turns']} missed" if r["missed_turns"] else ""
             ax.annotate(
-                f"{r['min_silence_s']:.2f} s",
+                f"{r['min_silence_s']:.2f} s{missed}",
                 (r["latency_p50_ms"], r["false_cut_ins_per_100_turns"]),
                 textcoords="offset points", xytext=(4, 4), fontsize=7, color="#3949ab",
             )  # fmt: skip

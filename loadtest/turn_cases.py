@@ -9,7 +9,9 @@ A case set is a directory of 16 kHz WAVs and `manifest.jsonl`, one line per file
 
 `audio`, `turn_ends` (seconds, the true end of each turn's speech) and `text` are
 the format of issue 4; the other keys are optional. `kind` is the file's
-condition (clean, fast, slow, noisy, clipped, backchannel, noise_only);
+condition (clean, fast, slow, noisy, clipped, backchannel, noise_only; "human"
+for the set spoken by people, `loadtest.human_turns`, whose fragments do not
+calibrate the text model);
 `turn_kinds` says what each turn is (question, statement, hesitation,
 continuation, backchannel). `pauses` are the silences *inside* turns: a
 detector that answers there has cut the user off. `split` holds files out for
@@ -430,12 +432,23 @@ def _parse_entry(directory: Path, line: str, where: str) -> TurnCase:
     split = entry.get("split")
     if split not in (None, "train", "test"):
         raise InvalidInput(f"{where}: split must be 'train' or 'test', got {split!r}")
+    if not all(isinstance(v, str) for v in [*texts, *kinds]):
+        raise InvalidInput(f"{where}: turn_texts and turn_kinds must hold strings")
+    if not isinstance(entry.get("kind", ""), str):
+        raise InvalidInput(f"{where}: kind must be a string")
     pauses = entry.get("pauses", [])
     if not isinstance(pauses, list) or not all(
-        isinstance(p, list) and len(p) == 2 and all(isinstance(v, int | float) for v in p)
+        isinstance(p, list)
+        and len(p) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+        and all(math.isfinite(v) for v in p)
+        and 0.0 <= p[0] < p[1] <= duration + 1e-3
         for p in pauses
     ):
-        raise InvalidInput(f"{where}: pauses must be a list of [start, end] pairs")
+        raise InvalidInput(
+            f"{where}: pauses must be a list of [start, end] pairs (seconds, start < end, "
+            "inside the audio)"
+        )
     return TurnCase(
         path=path,
         audio=audio,

@@ -1,7 +1,12 @@
 """Parley's end-of-turn detector against the baselines, on the turn case set.
 
-    python -m loadtest.turn_eval [--cases out/turn_cases] [--json out/turn_eval/report.json]
+    python -m loadtest.turn_eval [--cases DIR | --set tts|human|both]
+                                 [--json out/turn_eval/report.json]
                                  [--tune] [--no-cache] [--live none|test|all]
+
+`--set` picks a built-in case set: piper's voice (`loadtest/turn_cases.py`), recordings
+of people (`loadtest/human_turns.py`) or both. Beside the JSON goes a PNG of false
+cut-ins against end-of-turn p50, with Parley swept over `min_silence_s`.
 
 What runs
 ---------
@@ -29,9 +34,11 @@ through the real `AsrEngine` and the real models in one process: the check that
 the simulation's timing is honest (there, model calls and decodes contend for
 the two cores as they do in a session).
 
-Thresholds are tuned on the **train** split only (`--tune`; the defaults of
-`ParleyTurnConfig` and `DEFAULT_CALIBRATION` are the result), and the table is
-reported for all files and for the held-out **test** split.
+Thresholds and the combination are tuned on the **train** split only (`--tune`
+on `--set both`: the defaults of `ParleyTurnConfig` are the result; the text
+calibration, `DEFAULT_CALIBRATION`, is fitted on the train files not spoken by
+people), and the table is reported for all files and for the held-out **test**
+split.
 
 The semantic model's own separability is reported too: Whisper transcripts of
 every complete turn vs. of the speech before each in-turn pause (what the ASR
@@ -576,7 +583,11 @@ def label_stops(
     for rec in detector.stops:
         s = rec.silence_since
         label, true_end, kind = -1, None, ""
+        in_pause = any(p0 <= s < p1 for p0, p1 in case.pauses)
         for i, (a, b) in enumerate(zip(case.turn_starts, case.turn_ends, strict=True)):
+            if in_pause and a <= s < b:  # a listed pause inside the turn, however near its end
+                label, kind = 0, kinds[i]
+                break
             if abs(s - b) <= tolerance_s:
                 label, true_end, kind = 1, b, kinds[i]
                 break
@@ -1203,6 +1214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     has_train = any(c.split != "test" for c in cases)
     if args.tune and not has_train:
         raise InvalidInput("--tune needs files outside the test split; these cases have none")
+    if args.tune and not any(c.split != "test" and c.kind != "human" for c in cases):
+        raise InvalidInput(
+            "--tune calibrates the text model on train files not spoken by people "
+            "(kind != 'human'); these cases have none (use --set both)"
+        )
     models = Models.load(None if args.no_cache else CACHE_PATH)
     report: dict[str, Any] = {"cases": str(args.cases or args.set), "files": len(cases)}
 
@@ -1210,7 +1226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = text_samples(cases, models.whisper)
     semantic = semantic_report(samples, models, None if args.tune else DEFAULT_CALIBRATION)
     report["semantic"] = semantic
-    if has_train:
+    if any(c.split != "test" and c.kind != "human" for c in cases):
         fitted = semantic if args.tune else semantic_report(samples, models, None)
         report["semantic_fitted_on_train_now"] = fitted["calibration"]
     say(json.dumps({k: v for k, v in semantic.items() if k != "errors_test"}, indent=1))
@@ -1278,17 +1294,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]  # fmt: skip
     from loadtest.report import write_turn_tradeoff
 
+    say(json.dumps(report["timings"], indent=1))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1, default=str))
+    say(f"wrote {args.json}")
     plot = args.json.with_suffix(".png")
-    plot.parent.mkdir(parents=True, exist_ok=True)
     set_name = str(args.cases) if args.cases is not None else f"built-in set '{args.set}'"
     write_turn_tradeoff(
         plot, results_table["all"], sweep, f"{set_name}: {len(cases)} files, all turns"
     )
     say(f"wrote {plot}")
-    say(json.dumps(report["timings"], indent=1))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1, default=str))
-    say(f"wrote {args.json}")
     return 0
 
 

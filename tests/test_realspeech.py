@@ -156,7 +156,10 @@ def test_human_turn_case_set_is_built_from_the_real_clips(
             gap = case.audio[round((end + 0.1) * sr) : round((gap_end - 0.1) * sr)]
             assert -70 < dbfs(gap) < -55, (case.path.name, i)
         for a, b in case.pauses:  # inside a turn, and quieter than its speech
-            assert any(s < a < b < e for s, e in bounds)
+            (turn,) = [(s, e) for s, e in bounds if s < a < b < e]
+            quiet = case.audio[round(a * sr) : round(b * sr)]
+            speech = case.audio[round(turn[0] * sr) : round(turn[1] * sr)]
+            assert dbfs(quiet) < dbfs(speech) - 15, (case.path.name, a, b)
     jfk = next(c for c in cases if "speech" in c.turn_kinds)
     i = jfk.turn_kinds.index("speech")
     inside = [p for p in jfk.pauses if jfk.turn_starts[i] < p[0] < jfk.turn_ends[i]]

@@ -106,6 +106,11 @@ def _case_dir(tmp_path: Path, *entries: object, seconds: float = 3.0) -> Path:
         ({"audio": "a.wav", "turn_ends": [1.0, 2.0], "turn_starts": [0.2, 0.9]}, "start after"),
         ({"audio": "a.wav", "turn_ends": [1.0], "split": "dev"}, "split"),
         ({"audio": "a.wav", "turn_ends": [1.0], "turn_kinds": ["a", "b"]}, "one item per turn"),
+        ({"audio": "a.wav", "turn_ends": [1.0], "turn_kinds": [3]}, "hold strings"),
+        ({"audio": "a.wav", "turn_ends": [1.0], "kind": ["human"]}, "kind must be a string"),
+        ({"audio": "a.wav", "turn_ends": [1.0], "pauses": [[0.5, 0.2]]}, "start < end"),
+        ({"audio": "a.wav", "turn_ends": [1.0], "pauses": [[0.2, 9.0]]}, "inside the audio"),
+        ({"audio": "a.wav", "turn_ends": [1.0], "pauses": [[True, 0.5]]}, "pairs"),
     ],
 )
 def test_loader_rejects_bad_manifests(tmp_path: Path, entry: object, message: str) -> None:

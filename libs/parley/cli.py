@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
             argv_turns = ["--json", str(args.json), "--live", args.live, "--set", args.set]
             if args.cases is not None:
+                if args.set != "tts":
+                    raise InvalidInput("give --cases or --set, not both")
                 argv_turns += ["--cases", str(args.cases)]
             if args.tune:
                 argv_turns.append("--tune")

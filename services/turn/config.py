@@ -20,7 +20,7 @@ class TurnConfig(BaseModel):
     semantic_model_path: str = ""
     #: Silence before the VAD reports a speech stop.
     vad_stop_ms: int = Field(default=_DEFAULTS.vad_stop_ms, ge=32, le=2000)
-    #: Silence (from the speech stop) a turn needs when it reads complete ...
+    #: Silence (from where it began) a turn needs when it reads complete ...
     min_silence_s: float = Field(default=_DEFAULTS.min_silence_s, ge=0.0, le=5.0)
     #: ... and mid-sentence ("I'd like to book… um… a flight to").
     max_silence_s: float = Field(default=_DEFAULTS.max_silence_s, ge=0.1, le=10.0)

@@ -171,7 +171,7 @@ class ParleyTurnConfig:
             raise InvalidInput("vad_stop_ms must be >= 32 and max_turn_s > 1 s")
 
     def required_silence(self, p: float) -> float:
-        """Silence (s, from the speech stop) a turn with end-of-turn probability p needs."""
+        """Silence (s, from where it began) a turn with end-of-turn probability p needs."""
         lo, hi = self.incomplete_p, self.complete_p
         if p >= hi:
             return self.min_silence_s

@@ -44,6 +44,8 @@ def configured(defaults: TurnConfig, request: turn_pb2.TurnConfig) -> TurnConfig
         overrides["min_silence_s"] = request.min_silence_ms / 1000
     if request.max_silence_ms:
         overrides["max_silence_s"] = request.max_silence_ms / 1000
+        if not request.min_silence_ms:  # a short max alone shortens the default min too
+            overrides["min_silence_s"] = min(defaults.min_silence_s, request.max_silence_ms / 1000)
     if request.max_turn_ms:
         overrides["max_turn_s"] = request.max_turn_ms / 1000
     if (
