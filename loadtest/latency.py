@@ -384,9 +384,18 @@ def write_video(
     """
     stream = render.stream()
     rate = rec.avatar_rate
-    for start, ev in avatar_placements(rec):
-        phonemes = shift_phonemes(ev.phonemes, start - ev.start_sample)
-        stream.add_speech(ev.samples, ev.sample_rate, start, phonemes)
+    # The stream queues speech only so far ahead of its video (it bounds memory), and a
+    # conversation can be longer: each reply is queued as the video nears it.
+    pending = list(avatar_placements(rec))
+    horizon_s = stream.config.max_queued_speech_s / 2
+
+    def queue_until(video_s: float) -> None:
+        while pending and pending[0][0] / pending[0][1].sample_rate <= video_s + horizon_s:
+            start, ev = pending.pop(0)
+            phonemes = shift_phonemes(ev.phonemes, start - ev.start_sample)
+            stream.add_speech(ev.samples, ev.sample_rate, start, phonemes)
+
+    queue_until(0.0)
     count = int(len(audio) / rate * stream.fps)
     progress = Progress(
         TextColumn("[bold]video"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -397,6 +406,7 @@ def write_video(
 
         def frames() -> Iterator[np.ndarray]:
             for i in range(count):
+                queue_until(i / stream.fps)
                 yield stream.render_frame(i).rgb
                 progress.advance(task)
 

@@ -357,3 +357,31 @@ def test_poses_from_other_processes_are_checked() -> None:
     ):
         with pytest.raises(InvalidInput, match=fragment):
             check_pose(bad)
+
+
+async def test_conversation_video_longer_than_the_speech_queue(tmp_path: Path) -> None:
+    """The demo's MP4 of a conversation longer than the stream may queue ahead
+    (`max_queued_speech_s`) is written: each reply is queued as the video nears it."""
+    from rich.console import Console
+
+    from loadtest.latency import mix, write_video
+    from loadtest.replay import Recording
+    from services.sessions.conversation import AvatarAudioEvent
+
+    config = RenderConfig(width=64, height=64, fps=10, max_queued_speech_s=1.0)
+    render = RenderEngine(config)
+    await render.start()
+    try:
+        rate = 24_000
+        tone = (0.3 * np.sin(2 * math.pi * 220 * np.arange(rate // 2) / rate)).astype(np.float32)
+        rec = Recording(start=0.0, avatar_rate=rate)
+        for k, at in enumerate((0.5, 3.0)):  # the second reply 2.5 s after the first
+            rec.avatar.append((at, AvatarAudioEvent(tone, rate, round(at * rate), [], k)))
+        audio, _ = mix(rec)
+        path = tmp_path / "long.mp4"
+        frames = write_video(path, rec, audio, render, Console(quiet=True))
+        assert frames == int(len(audio) / rate * config.fps) and path.stat().st_size > 0
+        with av.open(str(path)) as container:
+            assert container.streams.video[0].frames == frames
+    finally:
+        await render.close()
