@@ -92,60 +92,53 @@ def load_corpus(directory: Path) -> list[Utterance]:
     return out
 
 
-def loud_frames(
-    audio: np.ndarray,
-    sample_rate: int = ASR_SAMPLE_RATE,
-    *,
-    below_peak_db: float = 26.0206,  # 5 % of the peak RMS
-    over_floor: float = 3.0,
-    floor_percentile: float = 10.0,
-) -> np.ndarray:
-    """Which 10 ms frames carry speech, by energy (independent of the VAD under test).
+@dataclass(frozen=True, slots=True)
+class Loudness:
+    """When a 10 ms frame counts as speech: within `below_peak_db` of the loudest
+    frame's RMS and above `over_floor` times the noise floor (the `floor_percentile`
+    of frame RMS). The defaults (-26 dB, i.e. 5 % of the peak; 3x the quietest tenth)
+    suit synthetic speech, which ends abruptly; a person's last sound decays for
+    100 ms or more below -26 dB, so recordings of people need a deeper threshold
+    (see loadtest.human_turns)."""
 
-    A frame is loud within `below_peak_db` of the loudest frame's RMS and above
-    `over_floor` times the noise floor (the `floor_percentile` of frame RMS). The
-    defaults (-26 dB, 3x the quietest tenth) suit synthetic speech, which ends
-    abruptly; a person's last sound decays for 100 ms or more below -26 dB, so
-    recordings of people need a deeper threshold (see loadtest.human_turns).
-    """
+    below_peak_db: float = 26.0206
+    over_floor: float = 3.0
+    floor_percentile: float = 10.0
+
+
+SYNTHETIC_SPEECH = Loudness()
+
+
+def loud_frames(
+    audio: np.ndarray, sample_rate: int = ASR_SAMPLE_RATE, loudness: Loudness = SYNTHETIC_SPEECH
+) -> np.ndarray:
+    """Which 10 ms frames carry speech, by energy (independent of the VAD under test)."""
     win = sample_rate // 100
     n = len(audio) // win
     if n == 0:
         return np.zeros(0, bool)
     rms = np.sqrt((audio[: n * win].reshape(n, win) ** 2).mean(axis=1))
     peak = float(rms.max())
-    floor = float(np.percentile(rms, floor_percentile))
-    threshold = max(peak * 10 ** (-below_peak_db / 20), floor * over_floor, 1e-4)
+    floor = float(np.percentile(rms, loudness.floor_percentile))
+    threshold = max(peak * 10 ** (-loudness.below_peak_db / 20), floor * loudness.over_floor, 1e-4)
     return np.asarray(rms > threshold)
 
 
 def speech_bounds(
-    audio: np.ndarray,
-    sample_rate: int = ASR_SAMPLE_RATE,
-    *,
-    below_peak_db: float = 26.0206,  # 5 % of the peak RMS
-    over_floor: float = 3.0,
-    floor_percentile: float = 10.0,
+    audio: np.ndarray, sample_rate: int = ASR_SAMPLE_RATE, loudness: Loudness = SYNTHETIC_SPEECH
 ) -> tuple[int, int]:
     """First and last sample of speech, by energy (`loud_frames`)."""
     win = sample_rate // 100
     if len(audio) < win:
         return 0, len(audio)
-    loud = np.flatnonzero(
-        loud_frames(
-            audio,
-            sample_rate,
-            below_peak_db=below_peak_db,
-            over_floor=over_floor,
-            floor_percentile=floor_percentile,
-        )
-    )
+    loud = np.flatnonzero(loud_frames(audio, sample_rate, loudness))
     if len(loud) == 0:
         return 0, 0
     return int(loud[0]) * win, int(loud[-1] + 1) * win
 
 
 __all__ = [
+    "Loudness",
     "load_corpus",
     "loud_frames",
     "resample",

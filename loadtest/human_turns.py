@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 from parley.audio import read_audio, write_wav
 
-from loadtest.corpus import loud_frames
+from loadtest.corpus import Loudness, loud_frames
 from loadtest.realspeech import DEFAULT_DIR as REAL_SPEECH_DIR
 from loadtest.realspeech import build_real_speech
-from loadtest.turn_cases import SR, _background
+from loadtest.turn_cases import SR, room_noise
 
 DEFAULT_DIR = Path("out/turn_cases_human")
 SEED = 9
@@ -50,7 +50,7 @@ MARGIN_S = 0.06  # kept either side of the energy bounds: onsets and soft last s
 #: Speech is within 40 dB of the clip's peak and 12 dB over its noise floor (the
 #: quietest 2 % of 10 ms frames: the clips are cut tight, with little silence): a
 #: person's last sound decays for 100 ms or more below the -26 dB that bounds piper's.
-ENERGY = {"below_peak_db": 40.0, "over_floor": 4.0, "floor_percentile": 2.0}
+PEOPLE = Loudness(below_peak_db=40.0, over_floor=4.0, floor_percentile=2.0)
 MIN_PAUSE_S = 0.15  # quiet this long inside a clip is listed as an in-turn pause
 MIN_TAIL_S = 0.05
 ROOM_DBFS = -62.0
@@ -70,7 +70,7 @@ def turn_kind(name: str, text: str) -> str:
 
 def in_clip_pauses(audio: np.ndarray, min_pause_s: float = MIN_PAUSE_S) -> list[tuple[int, int]]:
     """Quiet runs of at least `min_pause_s` between the first and last loud frame (samples)."""
-    loud = np.flatnonzero(loud_frames(audio, SR, **ENERGY))
+    loud = np.flatnonzero(loud_frames(audio, SR, PEOPLE))
     win = SR // 100
     out = []
     for a, b in itertools.pairwise(loud):
@@ -84,7 +84,7 @@ def _speech(audio: np.ndarray) -> tuple[np.ndarray, int, int, list[tuple[int, in
     where in it the speech starts and ends, and its pauses. All are measured on the
     whole clip, whose silences give the true noise floor. A last sound shorter than
     `MIN_TAIL_S` after a pause is a click or a breath: the words ended before it."""
-    loud = np.flatnonzero(loud_frames(audio, SR, **ENERGY))
+    loud = np.flatnonzero(loud_frames(audio, SR, PEOPLE))
     if not len(loud):
         raise ValueError("clip has no speech")
     win = SR // 100
@@ -130,7 +130,7 @@ def _render(
         pos += len(piece)
         silence(rng.uniform(2.0, 3.0))  # the avatar would answer here
     audio = np.concatenate(parts)
-    audio = audio + _background(rng, len(audio), ROOM_DBFS)
+    audio = audio + room_noise(rng, len(audio), ROOM_DBFS)
     entry = {
         "audio": f"{name}.wav",
         "turn_ends": [round(t, 3) for t in ends],

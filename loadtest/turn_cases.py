@@ -244,7 +244,7 @@ class UserVoice:
         return piece
 
 
-def _background(rng: np.random.Generator, n: int, dbfs: float) -> np.ndarray:
+def room_noise(rng: np.random.Generator, n: int, dbfs: float) -> np.ndarray:
     """Low-level brownish room noise at `dbfs` RMS."""
     white = rng.standard_normal(n)
     smooth = np.convolve(white, np.ones(8) / 8, mode="same")  # tilt towards low frequencies
@@ -286,7 +286,7 @@ def _render(spec: FileSpec, voice: UserVoice, seed: int) -> tuple[np.ndarray, di
         silence(rng.uniform(6.0, 8.0))
     audio = np.concatenate(parts)
     if spec.noise_dbfs is not None:
-        audio = audio + _background(rng, len(audio), spec.noise_dbfs)
+        audio = audio + room_noise(rng, len(audio), spec.noise_dbfs)
     if spec.clipped:
         audio = np.clip(audio / level * 3.0, -1.0, 1.0)  # a hot mic: peaks 3x over full scale
     entry = {
