@@ -1211,13 +1211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = load_turn_cases(args.cases)
     else:
         cases = builtin_cases(args.set, progress=say)
-    has_train = any(c.split != "test" for c in cases)
-    if args.tune and not has_train:
-        raise InvalidInput("--tune needs files outside the test split; these cases have none")
-    if args.tune and not any(c.split != "test" and c.kind != "human" for c in cases):
+    # The text model is calibrated on the train files not spoken by people.
+    calibrates = any(c.split != "test" and c.kind != "human" for c in cases)
+    if args.tune and not calibrates:
         raise InvalidInput(
-            "--tune calibrates the text model on train files not spoken by people "
-            "(kind != 'human'); these cases have none (use --set both)"
+            "--tune needs train files (split != 'test') not spoken by people "
+            "(kind != 'human'); these cases have none (use --set tts or both)"
         )
     models = Models.load(None if args.no_cache else CACHE_PATH)
     report: dict[str, Any] = {"cases": str(args.cases or args.set), "files": len(cases)}
@@ -1226,7 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = text_samples(cases, models.whisper)
     semantic = semantic_report(samples, models, None if args.tune else DEFAULT_CALIBRATION)
     report["semantic"] = semantic
-    if any(c.split != "test" and c.kind != "human" for c in cases):
+    if calibrates:
         fitted = semantic if args.tune else semantic_report(samples, models, None)
         report["semantic_fitted_on_train_now"] = fitted["calibration"]
     say(json.dumps({k: v for k, v in semantic.items() if k != "errors_test"}, indent=1))
